@@ -1,0 +1,8 @@
+"""Backbones: token-to-token networks behind one contract (:class:`Backbone`), sizes in a registry."""
+
+from maskdiff.backbones.base import Backbone
+from maskdiff.backbones.dit import DiT, DiTBlock
+from maskdiff.backbones.patching import Patchifier
+from maskdiff.backbones.registry import create_backbone, list_backbones, register_backbone
+
+__all__ = ["Backbone", "DiT", "DiTBlock", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]

@@ -1,0 +1,187 @@
+"""DiT: the diffusion transformer of Peebles & Xie, exactly as facebookresearch/DiT's ``models.py``.
+
+Differences from the official module are of layout only, so official checkpoints convert losslessly
+(:func:`maskdiff.convert.dit.convert_dit_state_dict`):
+
+* the input is patch tokens ``(B, N, p*p*C)``; the patch embedding is the equivalent ``Linear`` (the official
+  ``Conv2d`` with kernel = stride = p, weights permuted to (p_row, p_col, channel) order);
+* with ``learn_sigma`` the output is ``[ε tokens ‖ variance tokens]`` along the last axis, each in token layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Attention, Mlp
+from torch import nn
+
+from maskdiff.backbones.base import Backbone
+from maskdiff.backbones.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
+from maskdiff.backbones.patching import Patchifier
+from maskdiff.backbones.registry import register_backbone
+from maskdiff.corruption.masking import Masking
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x·(1 + scale) + shift``; ``x (B, N, D)``, ``shift, scale (B, D)``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def tanh_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: ``(B, N, D), c (B, D) -> (B, N, D)``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=tanh_gelu)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + linear to ``out_features`` per token: ``(B, N, D), c (B, D) -> (B, N, out)``."""
+
+    def __init__(self, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------- model
+class DiT(Backbone):
+    """Class-conditional diffusion transformer with adaLN-Zero conditioning.
+
+    Args:
+        input_size: side of the input (latent side, e.g. 32 for 256-px images, or pixel side).
+        patch_size: patch side p.
+        in_channels: C.
+        hidden_size, depth, num_heads, mlp_ratio: transformer size.
+        class_dropout_prob: probability of replacing a label by the null class in training (CFG).
+        num_classes: number of classes; 0 builds an unconditional model.
+        learn_sigma: also predict the variance interpolation (output parts: ε and v).
+    """
+
+    block_classes = (DiTBlock,)
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.patchifier = Patchifier(input_size, patch_size, in_channels)
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.output_parts = 2 if learn_sigma else 1
+        self.hidden_size = hidden_size
+        values = self.patchifier.values_per_patch
+
+        self.x_embedder = nn.Linear(values, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        grid = self.patchifier.grid[0]
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, values * self.output_parts)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier linears, N(0, 0.02) embeddings, zero adaLN modulation and zero output layer."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``c = t_emb + y_emb``: ``(B, D)``."""
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
+                if self.y_embedder.dropout_prob <= 0:
+                    raise ValueError("this DiT was built without a null class (class_dropout_prob=0); pass labels y")
+            c = c + self.y_embedder(y)
+        return c
+
+    def _encode(self, tokens, t, y, masking) -> tuple[torch.Tensor, torch.Tensor]:
+        if masking is not None:
+            raise ValueError("DiT has no masked encoder (it always sees all tokens); use an MDT backbone for masking")
+        if t is None:
+            raise ValueError("DiT needs timesteps t of shape (B,)")
+        x = self.x_embedder(tokens) + self.pos_embed.to(tokens.dtype)
+        c = self.condition(t, y)
+        for block in self.blocks:
+            x = self.run_block(block, x, c)
+        return x, c
+
+    def forward_features(self, tokens, t=None, y=None, masking: Masking | None = None) -> torch.Tensor:
+        return self._encode(tokens, t, y, masking)[0]
+
+    def forward(self, tokens, t=None, y=None, masking: Masking | None = None) -> torch.Tensor:
+        """``tokens (B, N, p*p*C)``, ``t (B,)``, ``y (B,)`` -> ``(B, N, parts * p*p*C)``."""
+        x, c = self._encode(tokens, t, y, masking)
+        return self.final_layer(x, c)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+DIT_SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    # Small sizes for CPU work (digits, tests); not in the paper.
+    "T": dict(depth=6, hidden_size=192, num_heads=3),
+    "Nano": dict(depth=2, hidden_size=32, num_heads=2),
+}
+
+
+def _dit_factory(size: str, patch: int):
+    def build(**overrides) -> DiT:
+        return DiT(**{**DIT_SIZES[size], "patch_size": patch, **overrides})
+
+    return build
+
+
+for _size in DIT_SIZES:
+    for _patch in (2, 4, 8):
+        register_backbone(f"DiT-{_size}/{_patch}", _dit_factory(_size, _patch))

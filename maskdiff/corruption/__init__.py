@@ -1,0 +1,7 @@
+"""Corruptions: how clean tokens become what a backbone sees (masks and/or noise)."""
+
+from maskdiff.corruption.base import Corrupted, Corruption
+from maskdiff.corruption.masking import Masking, random_masking, tube_masking
+from maskdiff.corruption.noising import GaussianNoise, TokenMasking
+
+__all__ = ["Corrupted", "Corruption", "GaussianNoise", "Masking", "TokenMasking", "random_masking", "tube_masking"]

@@ -1,0 +1,77 @@
+"""Corruptions of the diffusion family: Gaussian noise at a uniformly drawn timestep, optionally masked."""
+
+from __future__ import annotations
+
+import torch
+
+from maskdiff.corruption.base import Corrupted, Corruption
+from maskdiff.corruption.masking import random_masking, tube_masking
+from maskdiff.diffusion.schedules import NoiseSchedule, ScheduleName
+
+
+class GaussianNoise(Corruption):
+    """DiT's corruption: ``t ~ U{0..T-1}``, ``x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε`` on every token.
+
+    Args:
+        schedule: β schedule name (``linear``, ``cosine``, ``rho_linear``).
+        num_steps: T.
+        beta_start, beta_end, rho, cosine_s: schedule parameters (see :class:`NoiseSchedule`).
+    """
+
+    def __init__(
+        self,
+        schedule: ScheduleName = "linear",
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rho: float = 0.8,
+        cosine_s: float = 0.008,
+    ) -> None:
+        super().__init__()
+        self.schedule = NoiseSchedule(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+
+    def noised(self, clean: torch.Tensor, t: torch.Tensor, name: str = "") -> Corrupted:
+        """A view of ``clean (B, N, P)`` noised at ``t (B,)`` with fresh noise."""
+        noise = torch.randn_like(clean)
+        return Corrupted(
+            tokens=self.schedule.q_sample(clean, t, noise),
+            clean=clean,
+            t=t,
+            model_t=t.to(clean.dtype),
+            noise=noise,
+            schedule=self.schedule,
+            name=name,
+        )
+
+    def sample_t(self, batch: int, device) -> torch.Tensor:
+        return torch.randint(0, self.schedule.num_steps, (batch,), device=device)
+
+    def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
+        return [self.noised(clean, self.sample_t(clean.shape[0], clean.device))]
+
+
+class TokenMasking(Corruption):
+    """MAE's corruption: hide a fixed share of tokens per sample (random; ``tube`` for video), no noise.
+
+    Args:
+        mask_ratio: share of tokens hidden from the encoder.
+        tube: mask the same spatial cells in every frame (video grids ``(t, h, w)``).
+    """
+
+    def __init__(self, mask_ratio: float = 0.75, tube: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {mask_ratio} is outside [0, 1)")
+        self.mask_ratio = mask_ratio
+        self.tube = tube
+        self.schedule = None
+
+    def mask(self, batch: int, grid: tuple[int, ...], device):
+        if self.tube:
+            if len(grid) != 3:
+                raise ValueError(f"tube masking needs a video token grid (t, h, w), got {grid}")
+            return tube_masking(batch, grid, self.mask_ratio, device=device)
+        return random_masking(batch, int(torch.tensor(grid).prod()), self.mask_ratio, device=device)
+
+    def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
+        return [Corrupted(tokens=clean, clean=clean, masking=self.mask(clean.shape[0], grid, clean.device))]
