@@ -104,12 +104,12 @@ class DiT(Backbone):
         self.x_embedder = nn.Linear(values, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
-        grid = self.patchifier.grid[0]
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0), persistent=False)
+        self.register_buffer("pos_embed", torch.empty(1, self.patchifier.num_tokens, hidden_size), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, values * self.output_parts)
         self.initialize_weights()
 
+    @torch.no_grad()
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, N(0, 0.02) embeddings, zero adaLN modulation and zero output layer."""
 
@@ -120,6 +120,9 @@ class DiT(Backbone):
                     nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
+        table = torch.from_numpy(sincos_2d(self.hidden_size, self.patchifier.grid[0])).unsqueeze(0)
+        if self.pos_embed.device.type != "meta":  # deferred (meta) init: call initialize_weights after to_empty
+            self.pos_embed.copy_(table)
         nn.init.zeros_(self.x_embedder.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)

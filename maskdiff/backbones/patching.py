@@ -7,6 +7,7 @@ Token layout (the order of the official MAE/DiT checkpoints): tokens are row-maj
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,7 @@ class Patchifier:
 
     @property
     def num_tokens(self) -> int:
-        return int(torch.tensor(self.grid).prod())
+        return math.prod(self.grid)
 
     @property
     def values_per_patch(self) -> int:

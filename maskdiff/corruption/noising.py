@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from maskdiff.corruption.base import Corrupted, Corruption
@@ -71,7 +73,7 @@ class TokenMasking(Corruption):
             if len(grid) != 3:
                 raise ValueError(f"tube masking needs a video token grid (t, h, w), got {grid}")
             return tube_masking(batch, grid, self.mask_ratio, device=device)
-        return random_masking(batch, int(torch.tensor(grid).prod()), self.mask_ratio, device=device)
+        return random_masking(batch, math.prod(grid), self.mask_ratio, device=device)
 
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
         return [Corrupted(tokens=clean, clean=clean, masking=self.mask(clean.shape[0], grid, clean.device))]

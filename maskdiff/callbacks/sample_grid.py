@@ -1,0 +1,96 @@
+"""Write a PNG grid of generated samples (one row per class) during and after training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torchvision.utils import save_image
+
+from maskdiff.samplers.base import Sampler
+from maskdiff.samplers.guidance import ClassifierFreeGuidance
+
+
+def save_grid(images: torch.Tensor, path: str | Path, per_row: int) -> Path:
+    """Save ``images (B, C, H, W)`` in [-1, 1] as a PNG grid with ``per_row`` images per row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_row, padding=1, pad_value=1.0)
+    return path
+
+
+def grid_labels(classes: list[int], per_class: int) -> torch.Tensor:
+    """Labels for a grid with one row per class: ``(len(classes) * per_class,)``."""
+    return torch.tensor(classes).repeat_interleave(per_class)
+
+
+class SampleGrid(L.Callback):
+    """Generate a fixed-noise grid with EMA weights every ``every_n_steps`` and at the end of fitting.
+
+    Args:
+        every_n_steps: generate every N optimizer steps (0 = only at the end).
+        classes: one row per class (``None`` = all classes of the backbone, at most 10; unconditional models
+            get ``len(classes)`` rows of samples).
+        per_class: samples per row.
+        sampler: overrides the module's sampler (e.g. a faster DDIM for in-training grids).
+        cfg_scale: classifier-free guidance scale (1 = off).
+        seed: noise seed; the same seed gives the same grid for the same weights.
+        use_ema: sample with the EMA backbone when there is one.
+        dirname: folder under the logger's directory.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        classes: list[int] | None = None,
+        per_class: int = 8,
+        sampler: Sampler | None = None,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        use_ema: bool = True,
+        dirname: str = "samples",
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.classes = classes
+        self.per_class = per_class
+        self.sampler = sampler
+        self.cfg_scale = cfg_scale
+        self.seed = seed
+        self.use_ema = use_ema
+        self.dirname = dirname
+        self.last_path: Path | None = None
+
+    def _classes(self, pl_module) -> list[int]:
+        if self.classes is not None:
+            return list(self.classes)
+        return list(range(min(max(pl_module.backbone.num_classes, 1), 10)))
+
+    def generate(self, pl_module) -> torch.Tensor:
+        classes = self._classes(pl_module)
+        labels = grid_labels(classes, self.per_class) if pl_module.conditional else None
+        guidance = ClassifierFreeGuidance(self.cfg_scale) if self.cfg_scale != 1.0 else None
+        return pl_module.generate(
+            labels,
+            num=len(classes) * self.per_class,
+            sampler=self.sampler,
+            guidance=guidance,
+            generator=torch.Generator().manual_seed(self.seed),
+            use_ema=self.use_ema,
+        )
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
+        images = self.generate(pl_module)
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        self.last_path = save_grid(images, root / self.dirname / f"{name}.png", self.per_class)
+        rank_zero_info(f"sample grid: {self.last_path}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.write(trainer, pl_module, f"step_{step:07d}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module, "final")

@@ -1,0 +1,55 @@
+"""Reading and writing maskdiff checkpoints (Lightning format with the CLI's instantiation hparams)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def require_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """``path`` as a Path, or FileNotFoundError naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path} (expected an existing file)")
+    return path
+
+
+def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the method (class, components and weights) saved in a maskdiff checkpoint."""
+    from maskdiff.methods.base import MaskDiffModule
+
+    path = require_file(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if "_class_path" not in hparams:
+        raise ValueError(
+            f"{path} is not a maskdiff checkpoint (no hyper_parameters with _class_path); official weights must be "
+            "imported first, e.g. `maskdiff convert dit SRC OUT`"
+        )
+    return MaskDiffModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint that :func:`load_method` (and ``LightningModule.load_from_checkpoint``) can rebuild.
+
+    ``init_args`` is the method's config as the CLI would save it (components as ``class_path``/``init_args``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hparams = {"_class_path": class_path, "_instantiator": INSTANTIATOR, **init_args}
+    torch.save(
+        {
+            "state_dict": state_dict,
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": lightning.__version__,
+            "global_step": 0,
+            "epoch": 0,
+        },
+        path,
+    )
+    return path

@@ -1,0 +1,133 @@
+"""The ``maskdiff`` command: LightningCLI's fit/validate/test/predict plus maskdiff's own tools.
+
+    maskdiff fit --config configs/quickstart.yaml [--config more.yaml] [--trainer.max_steps 100]
+    maskdiff fit --config configs/quickstart.yaml --print_config
+    maskdiff sample --ckpt runs/quickstart/checkpoints/last.ckpt --out grid.png --sampler ddim --steps 50
+    maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+from maskdiff.methods.base import MaskDiffModule
+
+NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
+
+
+class MaskDiffCLI(LightningCLI):
+    """LightningCLI with maskdiff's conventions: methods and data modules chosen by ``class_path``, optimizers
+    injected as callables, configs written into each run's log directory."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            MaskDiffModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file or one of {NAMED_CHECKPOINTS})")
+        super()._parse_ckpt_path()
+
+
+# ---------------------------------------------------------------------------------------------- tools
+def sample(
+    ckpt: str,
+    out: str = "samples.png",
+    classes: list[int] | None = None,
+    per_class: int = 8,
+    num: int = 16,
+    sampler: Literal["ddpm", "ddim"] = "ddpm",
+    steps: int = 250,
+    eta: float = 0.0,
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    cfg_schedule: Literal["constant", "power_cosine"] = "constant",
+    cfg_power: float = 4.0,
+    seed: int = 0,
+    weights: Literal["ema", "raw"] = "ema",
+    device: str = "cpu",
+) -> str:
+    """Generate a PNG grid from a checkpoint: one row per class, ``per_class`` samples per row.
+
+    Args:
+        ckpt: maskdiff checkpoint (from ``fit`` or ``convert``).
+        out: PNG path to write.
+        classes: classes, one row each (default: the first 10 classes; ignored by unconditional models).
+        per_class: samples per row.
+        num: samples of an unconditional model.
+        sampler: ``ddpm`` (ancestral, respaced) or ``ddim``.
+        steps: respaced sampling steps.
+        eta: DDIM η (0 = deterministic).
+        cfg_scale: classifier-free guidance scale (1 = off).
+        cfg_channels: guide only the first k channels (official DiT: 3); default all.
+        cfg_schedule: ``constant`` or MDT's ``power_cosine``.
+        cfg_power: exponent of the power-cosine schedule.
+        seed: noise seed; the same seed and weights give the same image.
+        weights: ``ema`` or ``raw`` backbone weights.
+        device: torch device to sample on.
+    """
+    from maskdiff.callbacks.sample_grid import grid_labels, save_grid
+    from maskdiff.checkpoints import load_method
+    from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
+
+    module = load_method(ckpt, map_location=device).to(device).eval()
+    if weights == "ema" and module.ema_backbone is None:
+        print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
+    if module.conditional:
+        classes = classes if classes is not None else list(range(min(module.backbone.num_classes, 10)))
+        labels, per_row = grid_labels(classes, per_class), per_class
+    else:
+        labels, per_row = None, per_class
+    chosen = DDIMSampler(steps, eta) if sampler == "ddim" else DDPMSampler(steps)
+    guidance = ClassifierFreeGuidance(cfg_scale, cfg_channels, cfg_schedule, cfg_power)
+    images = module.generate(
+        labels, num=num, sampler=chosen, guidance=guidance, generator=torch.Generator().manual_seed(seed),
+        use_ema=weights == "ema",
+    )
+    path = save_grid(images, out, per_row)
+    print(f"wrote {path} ({images.shape[0]} samples, {sampler}-{steps}, cfg {cfg_scale}, seed {seed}, {weights} weights)")
+    return str(path)
+
+
+TOOLS = {"sample": (sample, False)}
+
+
+def _register_convert() -> None:
+    try:
+        from maskdiff.convert.cli import CONVERTERS
+    except ImportError:
+        return
+    TOOLS["convert"] = (CONVERTERS, True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _register_convert()
+    if argv and argv[0] in TOOLS:
+        component, positional = TOOLS[argv[0]]
+        CLI({argv[0]: component}, args=argv, as_positional=positional)
+        return
+    MaskDiffCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Learning-rate schedules used by the shipped configs (per optimizer step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warmup from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr_ratio`` at ``total_steps``.
+
+    ``total_steps = 0`` keeps the rate constant after warmup (DiT's constant learning rate).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
