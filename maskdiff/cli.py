@@ -120,11 +120,12 @@ def _register_convert() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``maskdiff`` console script; ``argv`` defaults to ``sys.argv[1:]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
     _register_convert()
-    if argv and argv[0] in TOOLS:
-        component, positional = TOOLS[argv[0]]
-        CLI({argv[0]: component}, args=argv, as_positional=positional)
+    if args and args[0] in TOOLS:
+        component, positional = TOOLS[args[0]]
+        CLI({args[0]: component}, args=args, as_positional=positional)
         return
     MaskDiffCLI(args=argv)
 

@@ -12,7 +12,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
 from maskdiff.backbones.base import Backbone
@@ -86,7 +85,8 @@ class MaskDiffModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.ema_decay = ema_decay
         self.clip_x0 = clip_x0
-        self.ema_backbone = copy.deepcopy(backbone).requires_grad_(False).eval() if ema_decay is not None else None
+        # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
+        self.ema_backbone = copy.deepcopy(backbone).requires_grad_(False) if ema_decay is not None else None
 
     # ------------------------------------------------------------------------------------------ data flow
     @property

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskdiff.backbones import DiT, create_backbone, list_backbones
+from maskdiff.backbones import create_backbone, list_backbones
 from maskdiff.backbones.embeddings import sincos_2d, timestep_frequencies
 from maskdiff.corruption import random_masking
 

@@ -64,7 +64,7 @@ def test_ddim_step_matches_formula():
     x = torch.randn(1, 4, 4)
     i = 5
     x_prev, out = DDIMSampler(10, eta=0.0).step(denoiser, respaced, i, x, torch.tensor([0]), None)
-    abar, abar_prev = respaced.alphas_cumprod[i].item(), respaced.alphas_cumprod[i - 1].item()
+    abar_prev = respaced.alphas_cumprod[i - 1].item()
     expected = math.sqrt(abar_prev) * out.x0 + math.sqrt(1 - abar_prev) * out.eps
     torch.testing.assert_close(x_prev, expected)
 

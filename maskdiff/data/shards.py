@@ -1,0 +1,233 @@
+"""WebDataset shard helpers: writing, manifests, URL expansion and a counting error handler."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset as wds
+from tqdm.auto import tqdm
+
+log = logging.getLogger("maskdiff.data")
+
+MANIFEST_NAME = "manifest.json"
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def write_shards(
+    samples: Iterable[dict],
+    pattern: str,
+    max_samples: int,
+    max_bytes: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Write samples to WebDataset tar shards.
+
+    Args:
+        samples: dicts with a ``__key__`` (no dots, unique) and extension-named members, e.g.
+            ``{"__key__": "0042", "png": b"...", "cls": 3}``; written in the order given.
+        pattern: printf-style shard path, e.g. ``"/dir/digits-train-%06d.tar"``.
+        max_samples: most samples per shard.
+        max_bytes: start a new shard once a shard holds this many payload bytes (``None``: no limit).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        One ``{"path": str, "samples": int}`` per written shard, in order.
+
+    Shards are byte-for-byte reproducible: members of a sample are written sorted by extension,
+    with mtime 0 and a fixed owner and mode.
+    """
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    total = len(samples) if isinstance(samples, Sequence) else None
+    bar = tqdm(samples, total=total, desc=f"writing {Path(pattern).name}", unit="sample", disable=not progress)
+    with wds.ShardWriter(
+        pattern,
+        maxcount=max_samples,
+        maxsize=float("inf") if max_bytes is None else max_bytes,
+        verbose=0,
+        mtime=0,
+    ) as writer:
+        for sample in bar:
+            key = sample.get("__key__")
+            if not isinstance(key, str) or not key or "." in os.path.basename(key):
+                raise ValueError(f"sample __key__ must be a non-empty string without '.', got {key!r}")
+            writer.write(sample)
+            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+        first_shard = writer.fname
+    if not counts:
+        Path(first_shard).unlink(missing_ok=True)
+    return [{"path": path, "samples": n} for path, n in counts.items()]
+
+
+def write_manifest(path: str | Path, info: dict) -> None:
+    """Write ``info`` as a JSON manifest (sorted keys, atomically via a temporary file).
+
+    The manifest layout used by maskdiff::
+
+        {"classes": [...], "total": N,
+         "splits": {"train": {"pattern": "x-train-{000000..000002}.tar", "samples": n,
+                              "shards": [{"path": "x-train-000000.tar", "samples": k}, ...]}, ...}}
+
+    Shard paths and patterns are relative to the manifest's folder.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read a JSON manifest written by :func:`write_manifest`."""
+    return json.loads(Path(path).read_text())
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Expand a brace pattern (``"a-{000000..000009}.tar"``; ``"::"`` joins several) into URLs."""
+    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part.strip()) if url]
+    if not urls:
+        raise ValueError(f"shard pattern {pattern!r} expands to no shards")
+    return urls
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs read through a scheme (``pipe:``, ``http(s)://``, ``s3://``, ``gs://``, ...)."""
+    if url.startswith(REMOTE_PREFIXES):
+        return True
+    scheme = urlparse(url).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def local_path(url: str) -> str:
+    """The file path of a local URL (strips ``file://``/``file:``)."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if url.startswith("file:"):
+        return url[len("file:") :]
+    return url
+
+
+def check_local_shards(urls: Sequence[str], pattern: str | None = None) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing local shard (remote URLs are not checked)."""
+    for url in urls:
+        if is_remote(url):
+            continue
+        path = local_path(url)
+        if not os.path.isfile(path):
+            source = f" (from shard pattern {pattern!r})" if pattern else ""
+            raise FileNotFoundError(f"shard not found: {path}{source}")
+
+
+def lookup_shard_counts(urls: Sequence[str]) -> list[int] | None:
+    """Samples per shard from the ``manifest.json`` next to each local shard, or ``None``.
+
+    Returns ``None`` when any URL is remote, has no manifest next to it, or is not listed in it.
+    """
+    by_folder: dict[str, dict[str, int]] = {}
+    counts = []
+    for url in urls:
+        if is_remote(url):
+            return None
+        folder, name = os.path.split(os.path.abspath(local_path(url)))
+        if folder not in by_folder:
+            manifest_path = os.path.join(folder, MANIFEST_NAME)
+            by_folder[folder] = _shard_counts(read_manifest(manifest_path)) if os.path.isfile(manifest_path) else {}
+        if name not in by_folder[folder]:
+            return None
+        counts.append(by_folder[folder][name])
+    return counts
+
+
+def _shard_counts(manifest: dict) -> dict[str, int]:
+    shard_lists = [manifest.get("shards", [])]
+    shard_lists += [split.get("shards", []) for split in manifest.get("splits", {}).values()]
+    return {os.path.basename(shard["path"]): int(shard["samples"]) for shards in shard_lists for shard in shards}
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+class SkipCounter:
+    """A webdataset error handler that skips bad samples, counts them and keeps the reasons.
+
+    ``handler(exn) -> True`` means "skip this sample and continue". It never sleeps (webdataset's
+    ``warn_and_continue`` sleeps 0.5 s per error). Once more than ``max_errors`` samples were
+    skipped, the exception is re-raised. The first ``log_first`` skips of each process, and then the
+    10th, 100th, 1000th, ..., are logged as warnings on the ``maskdiff.data`` logger.
+
+    DataLoader workers are separate processes holding their own copy: with ``shared=True`` the
+    skip total (and so the ``max_errors`` budget) is a ``multiprocessing.Value`` of the default
+    start method's context, shared by all workers started after construction (the DataLoader must
+    use that default context); ``reasons`` is always per process (in the main process it only sees
+    skips made there, i.e. with ``num_workers=0``).
+
+    Attributes:
+        skipped: number of skipped samples (all workers when ``shared``).
+        reasons: ``Counter`` of ``"ExceptionType: message"``; at most ``max_reasons`` distinct reasons
+            are kept, the rest are counted under ``"<other>"``.
+    """
+
+    def __init__(
+        self,
+        max_errors: int | None = None,
+        log_first: int = 5,
+        max_reasons: int = 10,
+        shared: bool = False,
+        name: str = "data",
+    ):
+        self.max_errors = max_errors
+        self.log_first = log_first
+        self.max_reasons = max_reasons
+        self.name = name
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self._local_skipped = 0
+        self._shared_skipped = multiprocessing.Value("q", 0) if shared else None
+
+    @property
+    def skipped(self) -> int:
+        if self._shared_skipped is not None:
+            return int(self._shared_skipped.value)
+        return self._local_skipped
+
+    def reset(self) -> None:
+        self.reasons.clear()
+        self._local_skipped = 0
+        if self._shared_skipped is not None:
+            with self._shared_skipped.get_lock():
+                self._shared_skipped.value = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self._local_skipped += 1
+        if self._shared_skipped is not None:
+            with self._shared_skipped.get_lock():
+                self._shared_skipped.value += 1
+                total = int(self._shared_skipped.value)
+        else:
+            total = self._local_skipped
+        reason = f"{type(exn).__name__}: {exn}"[:300]
+        if reason in self.reasons or len(self.reasons) < self.max_reasons:
+            self.reasons[reason] += 1
+        else:
+            self.reasons["<other>"] += 1
+        if self._local_skipped <= self.log_first or _is_power_of_ten(self._local_skipped):
+            log.warning("%s: skipped sample (%d skipped in total, pid %d): %s", self.name, total, os.getpid(), reason)
+        if self.max_errors is not None and total > self.max_errors:
+            if hasattr(exn, "add_note"):
+                exn.add_note(f"maskdiff: {self.name}: more than max_errors={self.max_errors} samples failed")
+            raise exn
+        return True
+
+    def __repr__(self) -> str:
+        return f"SkipCounter(name={self.name!r}, skipped={self.skipped}, max_errors={self.max_errors})"

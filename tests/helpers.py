@@ -1,0 +1,27 @@
+"""Shared helpers for tests that drive the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DEBUG_CONFIG = CONFIGS / "dit" / "dit_debug_cpu.yaml"
+
+
+def config_in(tmp_path: Path, base: Path = DEBUG_CONFIG) -> tuple[Path, Path]:
+    """Copy ``base`` so that checkpoints, logs and samples go under ``tmp_path``; returns (config, checkpoint dir)."""
+    ckpt_dir = tmp_path / "checkpoints"
+    config = yaml.safe_load(base.read_text())
+    trainer = config["trainer"]
+    for callback in trainer.get("callbacks", []):
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(ckpt_dir)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    trainer["default_root_dir"] = str(tmp_path)
+    trainer["enable_progress_bar"] = False
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, ckpt_dir
