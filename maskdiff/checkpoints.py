@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,12 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
             f"{path} is not a maskdiff checkpoint (no hyper_parameters with _class_path); official weights must be "
             "imported first, e.g. `maskdiff convert dit SRC OUT`"
         )
-    return MaskDiffModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    module_name, _, class_name = hparams["_class_path"].rpartition(".")
+    method = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(method, type) and issubclass(method, MaskDiffModule)):
+        raise ValueError(f"{path} was saved from {hparams['_class_path']}, which is not a maskdiff method")
+    # Load through the saved class: Lightning keeps only the hparams the called class's __init__ accepts.
+    return method.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:

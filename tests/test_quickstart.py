@@ -1,0 +1,28 @@
+"""The quickstart config, shortened: its loss falls and it writes the grid and prints where things are."""
+
+import csv
+
+import pytest
+from PIL import Image
+
+from maskdiff.cli import main
+from tests.helpers import CONFIGS, config_in
+
+
+@pytest.mark.slow
+def test_quickstart_loss_falls(tmp_path, digits_cache, capsys):
+    config, ckpt_dir = config_in(tmp_path, CONFIGS / "quickstart.yaml")
+    main(["fit", "--config", str(config), "--trainer.max_steps", "300", "--trainer.log_every_n_steps", "10",
+          "--model.init_args.lr_scheduler.init_args.total_steps", "300"])
+    metrics_file = next((tmp_path / "logs").rglob("metrics.csv"))
+    losses = [float(row["train/loss"]) for row in csv.DictReader(metrics_file.open()) if row.get("train/loss")]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {ckpt_dir / 'last.ckpt'}" in printed
+    grid_path = next((tmp_path / "logs").rglob("final.png"))
+    assert f"sample grid: {grid_path}" in printed
+    # 10 classes x 10 samples of 16x16 with 1-pixel padding
+    assert Image.open(grid_path).size == (10 * 17 + 1, 10 * 17 + 1)
