@@ -17,19 +17,18 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
-from maskdiff.methods.base import MaskDiffModule
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 
 class MaskDiffCLI(LightningCLI):
-    """LightningCLI with maskdiff's conventions: methods and data modules chosen by ``class_path``, optimizers
-    injected as callables, configs written into each run's log directory."""
+    """LightningCLI with maskdiff's conventions: modules (methods, fine-tuning) and data modules chosen by
+    ``class_path``, optimizers injected as callables, configs written into each run's log directory."""
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
-            MaskDiffModule,
+            L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -18,13 +18,15 @@ class Backbone(nn.Module):
     encoder may see (``None`` = all). ``P_out = output_parts * P``: when a backbone predicts several things
     (learned variance, UMD's [x0 ‖ ε]) they are concatenated along the last axis, each in token layout.
 
-    Subclasses set ``patchifier``, ``num_classes`` (0 = unconditional), ``output_parts`` and ``block_classes``
-    (the transformer block types, for FSDP wrapping and activation checkpointing).
+    Subclasses set ``patchifier``, ``num_classes`` (0 = unconditional), ``output_parts``, ``block_classes``
+    (the transformer block types, for FSDP wrapping and activation checkpointing) and ``num_prefix_tokens``
+    (cls / register tokens that precede the patch tokens in :meth:`forward_features`).
     """
 
     patchifier: Patchifier
     num_classes: int = 0
     output_parts: int = 1
+    num_prefix_tokens: int = 0
     block_classes: tuple[type[nn.Module], ...] = ()
     grad_checkpointing: bool = False
 
@@ -43,8 +45,18 @@ class Backbone(nn.Module):
         t: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         masking: Masking | None = None,
+        depth: int | None = None,
     ) -> torch.Tensor:
-        """Token features ``(B, N_seen, D)`` before the output head, for probes and fine-tuning."""
+        """Encoder features ``(B, num_prefix_tokens + N_seen, D)`` for probes and fine-tuning.
+
+        ``depth``: run only the first ``depth`` encoder blocks (``None``: all of them, then the encoder's final
+        norm if it has one). ``N_seen`` is N, or the kept count when ``masking`` is given.
+        """
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        """Encoder blocks that ``forward_features(depth=...)`` can stop after."""
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:

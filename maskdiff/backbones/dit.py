@@ -151,19 +151,26 @@ class DiT(Backbone):
             c = c + self.y_embedder(y)
         return c
 
-    def _encode(self, tokens, t, y, masking) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _encode(self, tokens, t, y, masking, depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if masking is not None:
             raise ValueError("DiT has no masked encoder (it always sees all tokens); use an MDT backbone for masking")
         if t is None:
             raise ValueError("DiT needs timesteps t of shape (B,)")
+        if depth is not None and not 0 <= depth <= self.num_blocks:
+            raise ValueError(f"depth {depth} is out of range; this DiT has blocks 0..{self.num_blocks}")
         x = self.x_embedder(tokens) + self.pos_embed.to(tokens.dtype)
         c = self.condition(t, y)
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = self.run_block(block, x, c)
         return x, c
 
-    def forward_features(self, tokens, t=None, y=None, masking: Masking | None = None) -> torch.Tensor:
-        return self._encode(tokens, t, y, masking)[0]
+    def forward_features(self, tokens, t=None, y=None, masking: Masking | None = None, depth: int | None = None) -> torch.Tensor:
+        """Block outputs ``(B, N, D)`` (DiT has no prefix tokens and no final encoder norm)."""
+        return self._encode(tokens, t, y, masking, depth)[0]
 
     def forward(self, tokens, t=None, y=None, masking: Masking | None = None) -> torch.Tensor:
         """``tokens (B, N, p*p*C)``, ``t (B,)``, ``y (B,)`` -> ``(B, N, parts * p*p*C)``."""
