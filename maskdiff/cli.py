@@ -57,7 +57,7 @@ def sample(
     sampler: Literal["ddpm", "ddim"] = "ddpm",
     steps: int = 250,
     eta: float = 0.0,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | None = None,
     cfg_channels: int | None = None,
     cfg_schedule: Literal["constant", "power_cosine"] = "constant",
     cfg_power: float = 4.0,
@@ -76,7 +76,8 @@ def sample(
         sampler: ``ddpm`` (ancestral, respaced) or ``ddim``.
         steps: respaced sampling steps.
         eta: DDIM η (0 = deterministic).
-        cfg_scale: classifier-free guidance scale (1 = off).
+        cfg_scale: classifier-free guidance scale (1 = off); default: the guidance stored with the method
+            (e.g. MDT's power-cosine 3.8), or none.
         cfg_channels: guide only the first k channels (official DiT: 3); default all.
         cfg_schedule: ``constant`` or MDT's ``power_cosine``.
         cfg_power: exponent of the power-cosine schedule.
@@ -97,13 +98,15 @@ def sample(
     else:
         labels, per_row = None, per_class
     chosen = DDIMSampler(steps, eta) if sampler == "ddim" else DDPMSampler(steps)
-    guidance = ClassifierFreeGuidance(cfg_scale, cfg_channels, cfg_schedule, cfg_power)
+    guidance = None if cfg_scale is None else ClassifierFreeGuidance(cfg_scale, cfg_channels, cfg_schedule, cfg_power)
     images = module.generate(
         labels, num=num, sampler=chosen, guidance=guidance, generator=torch.Generator().manual_seed(seed),
         use_ema=weights == "ema",
     )
     path = save_grid(images, out, per_row)
-    print(f"wrote {path} ({images.shape[0]} samples, {sampler}-{steps}, cfg {cfg_scale}, seed {seed}, {weights} weights)")
+    used = guidance or module.guidance
+    described = f"cfg {used.scale} ({used.schedule})" if used is not None and used.active else "no guidance"
+    print(f"wrote {path} ({images.shape[0]} samples, {sampler}-{steps}, {described}, seed {seed}, {weights} weights)")
     return str(path)
 
 

@@ -2,7 +2,8 @@
 
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.dit import DiT, DiTBlock
+from maskdiff.backbones.mdt import MDT, MDTBlock, MDTv2
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.backbones.registry import create_backbone, list_backbones, register_backbone
 
-__all__ = ["Backbone", "DiT", "DiTBlock", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["Backbone", "DiT", "DiTBlock", "MDT", "MDTBlock", "MDTv2", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]

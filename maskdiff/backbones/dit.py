@@ -30,6 +30,42 @@ def tanh_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def adaln_condition(t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder | None, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """DiT's condition ``c = t_emb + y_emb`` ``(B, D)``; ``y=None`` means the null class (unconditional)."""
+    c = t_embedder(t)
+    if y_embedder is None:
+        return c
+    if y is None:
+        if y_embedder.dropout_prob <= 0:
+            raise ValueError("this model was built without a null class (class_dropout_prob=0); pass labels y")
+        y = torch.full((t.shape[0],), y_embedder.num_classes, dtype=torch.long, device=t.device)
+    return c + y_embedder(y)
+
+
+def init_dit_weights(model: nn.Module, blocks: list[nn.Module], final_layer: "FinalLayer") -> None:
+    """DiT's init over ``model``: xavier linears, N(0, 0.02) time MLP, zero adaLN modulation and output layer.
+
+    ``model`` must have ``x_embedder`` and ``t_embedder``; the label table is left to the caller.
+    """
+
+    def basic_init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(basic_init)
+    nn.init.zeros_(model.x_embedder.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (final_layer.adaLN_modulation[-1], final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 # ---------------------------------------------------------------------------------------------- blocks
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: ``(B, N, D), c (B, D) -> (B, N, D)``."""
@@ -116,40 +152,16 @@ class DiT(Backbone):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """DiT's init: xavier linears, N(0, 0.02) embeddings, zero adaLN modulation and zero output layer."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
+        """DiT's init (:func:`init_dit_weights`), N(0, label_embedding_std) class table, sin-cos positions."""
+        init_dit_weights(self, list(self.blocks), self.final_layer)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_embedding_std)
         table = torch.from_numpy(sincos_2d(self.hidden_size, self.patchifier.grid[0])).unsqueeze(0)
         if self.pos_embed.device.type != "meta":  # deferred (meta) init: call initialize_weights after to_empty
             self.pos_embed.copy_(table)
-        nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_embedding_std)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """``c = t_emb + y_emb``: ``(B, D)``."""
-        c = self.t_embedder(t)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
-                if self.y_embedder.dropout_prob <= 0:
-                    raise ValueError("this DiT was built without a null class (class_dropout_prob=0); pass labels y")
-            c = c + self.y_embedder(y)
-        return c
+        return adaln_condition(self.t_embedder, self.y_embedder, t, y)
 
     @property
     def num_blocks(self) -> int:

@@ -35,7 +35,7 @@ class SampleGrid(L.Callback):
             get ``len(classes)`` rows of samples).
         per_class: samples per row.
         sampler: overrides the module's sampler (e.g. a faster DDIM for in-training grids).
-        cfg_scale: classifier-free guidance scale (1 = off).
+        cfg_scale: classifier-free guidance scale (1 = off); ``None`` uses the method's own guidance.
         seed: noise seed; the same seed gives the same grid for the same weights.
         use_ema: sample with the EMA backbone when there is one.
         dirname: folder under the logger's directory.
@@ -47,7 +47,7 @@ class SampleGrid(L.Callback):
         classes: list[int] | None = None,
         per_class: int = 8,
         sampler: Sampler | None = None,
-        cfg_scale: float = 1.0,
+        cfg_scale: float | None = None,
         seed: int = 0,
         use_ema: bool = True,
         dirname: str = "samples",
@@ -70,7 +70,7 @@ class SampleGrid(L.Callback):
     def generate(self, pl_module) -> torch.Tensor:
         classes = self._classes(pl_module)
         labels = grid_labels(classes, self.per_class) if pl_module.conditional else None
-        guidance = ClassifierFreeGuidance(self.cfg_scale) if self.cfg_scale != 1.0 else None
+        guidance = None if self.cfg_scale is None else ClassifierFreeGuidance(self.cfg_scale)
         return pl_module.generate(
             labels,
             num=len(classes) * self.per_class,

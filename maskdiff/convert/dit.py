@@ -21,6 +21,7 @@ import torch
 
 from maskdiff.backbones.dit import DIT_SIZES, DiT
 from maskdiff.backbones.embeddings import sincos_2d
+from maskdiff.convert.layout import check_keys_and_shapes, conv_patch_embed_to_linear, meta_shapes, tokens_major_output
 
 OFFICIAL_DIT_URL = "https://github.com/facebookresearch/DiT"
 POS_EMBED_TOLERANCE = 1e-4
@@ -126,19 +127,6 @@ def _check_pos_embed(pos_embed: torch.Tensor, hidden_size: int, grid: int) -> No
         )
 
 
-def _tokens_major_output(tensor: torch.Tensor, pixels_per_patch: int, parts: int, channels: int) -> torch.Tensor:
-    """Rows (p_row, p_col, part*C + c) -> (part, p_row, p_col, c); ``tensor (rows, ...)``."""
-    rest = tensor.shape[1:]
-    grouped = tensor.reshape(pixels_per_patch, parts, channels, *rest)
-    return grouped.transpose(0, 1).reshape(parts * pixels_per_patch * channels, *rest)
-
-
-def _expected_shapes(config: dict) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = DiT(**config)
-    return {key: value.shape for key, value in model.state_dict().items()}
-
-
 def convert_dit_state_dict(
     official: Mapping[str, torch.Tensor], num_heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,29 +149,16 @@ def convert_dit_state_dict(
         if key == "pos_embed":
             continue
         if key == "x_embedder.proj.weight":
-            converted["x_embedder.weight"] = value.permute(0, 2, 3, 1).reshape(hidden, patch * patch * channels)
+            converted["x_embedder.weight"] = conv_patch_embed_to_linear(value)
         elif key == "x_embedder.proj.bias":
             converted["x_embedder.bias"] = value
         elif key.startswith("final_layer.linear."):
-            converted[key] = _tokens_major_output(value, patch * patch, parts, channels)
+            converted[key] = tokens_major_output(value, patch * patch, parts, channels)
         else:
             converted[key] = value
     converted = {key: value.contiguous() for key, value in converted.items()}
 
-    expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise _not_a_dit(f"missing key(s) {', '.join(missing)}")
-    unexpected = sorted(set(converted) - set(expected))
-    if unexpected:
-        raise _not_a_dit(f"unexpected key(s) {', '.join(unexpected)}")
-    mismatched = [
-        f"{key} {tuple(converted[key].shape)} (expected {tuple(shape)})"
-        for key, shape in expected.items()
-        if converted[key].shape != shape
-    ]
-    if mismatched:
-        raise _not_a_dit(f"shape mismatch for {', '.join(mismatched)}")
+    check_keys_and_shapes(converted, meta_shapes(lambda: DiT(**config)), _not_a_dit)
     return converted, config
 
 

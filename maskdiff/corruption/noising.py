@@ -77,3 +77,49 @@ class TokenMasking(Corruption):
 
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
         return [Corrupted(tokens=clean, clean=clean, masking=self.mask(clean.shape[0], grid, clean.device))]
+
+
+class MaskedNoise(GaussianNoise):
+    """MDT's corruption: two views of the batch at the same ``t`` with independent noise, a full pass and a
+    masked pass whose encoder sees only the kept noisy tokens.
+
+    Args:
+        mask_ratio: share of tokens hidden in the masked pass (MDT: 0.3).
+        max_mask_ratio: draw one ratio per batch from ``U[mask_ratio, max_mask_ratio]`` (MDTv2: 0.3 to 0.5);
+            ``None`` keeps it fixed (MDTv1; also keeps compiled shapes static).
+        full_pass: also return the unmasked view (MDT trains on both; ``False`` gives a masked-only ablation).
+        schedule, num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+    """
+
+    def __init__(
+        self,
+        mask_ratio: float = 0.3,
+        max_mask_ratio: float | None = None,
+        full_pass: bool = True,
+        schedule: ScheduleName = "linear",
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rho: float = 0.8,
+        cosine_s: float = 0.008,
+    ) -> None:
+        super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        top = mask_ratio if max_mask_ratio is None else max_mask_ratio
+        if not 0.0 < mask_ratio <= top < 1.0:
+            raise ValueError(
+                f"mask ratios must satisfy 0 < mask_ratio <= max_mask_ratio < 1, got {mask_ratio} and {max_mask_ratio}"
+            )
+        self.mask_ratio = mask_ratio
+        self.max_mask_ratio = max_mask_ratio
+        self.full_pass = full_pass
+
+    def draw_ratio(self) -> float:
+        if self.max_mask_ratio is None:
+            return self.mask_ratio
+        return self.mask_ratio + float(torch.rand(())) * (self.max_mask_ratio - self.mask_ratio)
+
+    def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
+        t = self.sample_t(clean.shape[0], clean.device)
+        masked = self.noised(clean, t, name="masked")
+        masked.masking = random_masking(clean.shape[0], math.prod(grid), self.draw_ratio(), device=clean.device)
+        return [self.noised(clean, t, name="full"), masked] if self.full_pass else [masked]

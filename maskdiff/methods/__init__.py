@@ -2,5 +2,6 @@
 
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.dit import DiT
+from maskdiff.methods.mdt import MDT
 
-__all__ = ["DiT", "MaskDiffModule"]
+__all__ = ["DiT", "MDT", "MaskDiffModule"]
