@@ -19,8 +19,11 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.started = time.perf_counter()
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._print(trainer, trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: read on every rank
+
+    @rank_zero_only
+    def _print(self, trainer, log_dir: str) -> None:
         checkpoint = trainer.checkpoint_callback
         ckpt = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint is not None else None
         grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid) and cb.last_path]
@@ -30,6 +33,6 @@ class RunSummary(L.Callback):
             *(f"  {k}: {v:.4f}" for k, v in sorted(metrics.items())),
             f"  checkpoint: {ckpt or '(none saved)'}",
             *(f"  sample grid: {g}" for g in grids),
-            f"  logs: {trainer.log_dir or trainer.default_root_dir}",
+            f"  logs: {log_dir}",
         ]
         print("\n".join(lines), flush=True)

@@ -80,11 +80,14 @@ class SampleGrid(L.Callback):
             use_ema=self.use_ema,
         )
 
-    @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
-        images = self.generate(pl_module)
+        """Generate on rank 0 and save under the log directory (every rank must call: ``log_dir`` broadcasts)."""
         root = Path(trainer.log_dir or trainer.default_root_dir)
-        self.last_path = save_grid(images, root / self.dirname / f"{name}.png", self.per_class)
+        self._write_on_rank_zero(pl_module, root / self.dirname / f"{name}.png")
+
+    @rank_zero_only
+    def _write_on_rank_zero(self, pl_module, path: Path) -> None:
+        self.last_path = save_grid(self.generate(pl_module), path, self.per_class)
         rank_zero_info(f"sample grid: {self.last_path}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,0 +1,77 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskdiff.backbones import MDTv2 as MDTv2Backbone
+from maskdiff.checkpoints import load_method
+from maskdiff.cli import main
+from maskdiff.corruption import MaskedNoise
+from maskdiff.methods import MDT
+from maskdiff.objectives import DiffusionLoss
+from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler
+from tests.helpers import CONFIGS, FAST_GRID, ROOT, config_in
+
+MDT_DIGITS = CONFIGS / "mdt" / "mdt_digits.yaml"
+
+
+def small_method(**corruption):
+    torch.manual_seed(0)
+    backbone = MDTv2Backbone(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2,
+                             decode_layer=2, num_classes=10)
+    for p in backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return MDT(backbone=backbone, corruption=MaskedNoise(**corruption), ema_decay=None, clip_x0=1.0)
+
+
+def test_two_pass_loss_is_the_sum_of_the_single_pass_losses():
+    method = small_method(mask_ratio=0.3, max_mask_ratio=0.5)
+    images, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    method.backbone.y_embedder.dropout_prob = 0.0
+    torch.manual_seed(7)
+    total = method.step_loss(images, labels)
+    torch.manual_seed(7)
+    views = method.corruption(method.to_tokens(images), method.patchifier.grid)
+    losses = [method.objective(method.backbone(v.tokens, v.model_t, labels, v.masking), v).loss for v in views]
+    torch.testing.assert_close(total.loss, losses[0] + losses[1])
+    assert set(total.parts) >= {"full/mse", "full/vlb", "masked/mse", "masked/loss"}
+
+
+def test_sampling_does_not_depend_on_the_mask_settings():
+    generated = []
+    for ratio in (0.1, 0.6):
+        method = small_method(mask_ratio=ratio).eval()
+        generated.append(method.generate(torch.tensor([1, 2]), sampler=DDIMSampler(5),
+                                         generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(generated[0], generated[1])
+
+
+def test_default_guidance_is_power_cosine():
+    method = small_method()
+    assert method.guidance.schedule == "power_cosine" and method.guidance.scale == 3.8 and method.guidance.power == 4.0
+    assert isinstance(method.objective, DiffusionLoss) and method.objective.region == "all"
+
+
+def test_mdt_digits_fit_load_and_sample(tmp_path, digits_cache, capsys):
+    config, ckpt_dir = config_in(tmp_path, MDT_DIGITS, grid=FAST_GRID)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"])
+    module = load_method(ckpt_dir / "last.ckpt")
+    assert type(module) is MDT and isinstance(module.corruption, MaskedNoise)
+    main(["sample", "--ckpt", str(ckpt_dir / "last.ckpt"), "--out", str(tmp_path / "grid.png"), "--sampler", "ddim",
+          "--steps", "4", "--per_class", "1"])
+    assert "cfg 2.0 (constant)" in capsys.readouterr().out
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_without_unused_parameter_search(tmp_path, digits_cache):
+    """Both passes run in one step, so the side-interpolater always gets gradients: plain DDP works."""
+    config, ckpt_dir = config_in(tmp_path, MDT_DIGITS, grid=FAST_GRID)
+    command = [sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(config), "--trainer.devices", "2",
+               "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 4
