@@ -17,7 +17,7 @@ FAST_GRID = {"per_class": 1, "sampler": {"class_path": "maskdiff.samplers.DDIMSa
 def config_in(tmp_path: Path, base: Path = DEBUG_CONFIG, grid: dict | None = None) -> tuple[Path, Path]:
     """Copy ``base`` so that checkpoints, logs and samples go under ``tmp_path``; returns (config, checkpoint dir).
 
-    ``grid`` updates the init args of a ``SampleGrid`` callback (e.g. :data:`FAST_GRID` for quick tests).
+    ``grid`` updates the init args of ``SampleGrid`` and ``DigitsEvaluation`` callbacks (:data:`FAST_GRID`: quick).
     """
     ckpt_dir = tmp_path / "checkpoints"
     config = yaml.safe_load(base.read_text())
@@ -25,7 +25,7 @@ def config_in(tmp_path: Path, base: Path = DEBUG_CONFIG, grid: dict | None = Non
     for callback in trainer.get("callbacks", []):
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["dirpath"] = str(ckpt_dir)
-        if grid and callback["class_path"].endswith("SampleGrid"):
+        if grid and callback["class_path"].endswith(("SampleGrid", "DigitsEvaluation")):
             callback["init_args"].update(grid)
     trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     trainer["default_root_dir"] = str(tmp_path)

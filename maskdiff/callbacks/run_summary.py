@@ -27,7 +27,7 @@ class RunSummary(L.Callback):
         checkpoint = trainer.checkpoint_callback
         ckpt = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint is not None else None
         grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid) and cb.last_path]
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss") or k.endswith("loss_epoch")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss") or k.startswith("eval/")}
         lines = [
             f"maskdiff: fit finished in {time.perf_counter() - self.started:.1f}s after {trainer.global_step} steps",
             *(f"  {k}: {v:.4f}" for k, v in sorted(metrics.items())),

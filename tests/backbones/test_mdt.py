@@ -4,7 +4,7 @@ import torch
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mdt import RelativePositionBias
 from maskdiff.corruption import MaskedNoise, random_masking
-from maskdiff.corruption.masking import gather_tokens, restore_tokens
+from maskdiff.corruption.masking import restore_tokens
 
 
 def randomised(name, **kwargs):

@@ -11,7 +11,7 @@ from maskdiff.cli import main
 from maskdiff.corruption import MaskedNoise
 from maskdiff.methods import MDT
 from maskdiff.objectives import DiffusionLoss
-from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler
+from maskdiff.samplers import DDIMSampler
 from tests.helpers import CONFIGS, FAST_GRID, ROOT, config_in
 
 MDT_DIGITS = CONFIGS / "mdt" / "mdt_digits.yaml"
@@ -75,3 +75,21 @@ def test_two_process_ddp_without_unused_parameter_search(tmp_path, digits_cache)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_compare_dit_mdt_example(tmp_path, digits_cache):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "compare_dit_mdt.py"), "--steps", "6", "--eval_every", "3",
+         "--per_class", "2", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [run["name"] for run in report["runs"]] == ["DiT", "MDT"]
+    for run in report["runs"]:
+        assert [row["step"] for row in run["history"]] == [3, 6]
+        assert all(0.0 <= row["class_consistency"] <= 1.0 and row["digits_fd"] > 0 for row in run["history"])
+    assert "| 6 |" in (tmp_path / "out" / "comparison.md").read_text()
