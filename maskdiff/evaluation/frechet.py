@@ -18,7 +18,7 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
     """``‖μ1-μ2‖² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½)``, with the ADM/pytorch-fid regularisation when the product is singular."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
