@@ -43,7 +43,7 @@ def test_configs_merge_and_override(capsys):
 
 
 def test_fast_dev_run_through_the_cli(tmp_path, digits_cache):
-    main(["fit", "--config", str(DEBUG_CONFIG), "--trainer.fast_dev_run", "2",
+    main(["fit", "--config", str(config_in(tmp_path)[0]), "--trainer.fast_dev_run", "2",
           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
           "--trainer.enable_progress_bar", "false"])
 
@@ -96,7 +96,7 @@ def test_wrong_config_key_is_rejected_before_training(tmp_path, capsys):
 
 def test_image_size_not_divisible_by_patch(tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as error:
-        main(["fit", "--config", str(DEBUG_CONFIG), "--model.init_args.backbone.init_args.input_size", "9",
+        main(["fit", "--config", str(config_in(tmp_path)[0]), "--model.init_args.backbone.init_args.input_size", "9",
               "--trainer.default_root_dir", str(tmp_path)])
     message = str(error.value) + capsys.readouterr().err
     assert "input size 9 is not divisible by patch size 2" in message
@@ -104,14 +104,14 @@ def test_image_size_not_divisible_by_patch(tmp_path, capsys):
 
 def test_data_that_does_not_fit_the_backbone(tmp_path, digits_cache):
     with pytest.raises(ValueError, match="data image_size 16 .* backbone expects input_size 8"):
-        main(["fit", "--config", str(DEBUG_CONFIG), "--data.init_args.image_size", "16",
+        main(["fit", "--config", str(config_in(tmp_path)[0]), "--data.init_args.image_size", "16",
               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
 
 
 def test_missing_checkpoint_is_named(tmp_path):
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        main(["fit", "--config", str(DEBUG_CONFIG), "--ckpt_path", str(missing)])
+        main(["fit", "--config", str(config_in(tmp_path)[0]), "--ckpt_path", str(missing)])
     with pytest.raises(FileNotFoundError, match=str(missing)):
         main(["sample", "--ckpt", str(missing)])
 
