@@ -2,8 +2,9 @@
 
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.dit import DiT, DiTBlock
+from maskdiff.backbones.mae import MAE
 from maskdiff.backbones.mdt import MDT, MDTBlock, MDTv2
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.backbones.registry import create_backbone, list_backbones, register_backbone
 
-__all__ = ["Backbone", "DiT", "DiTBlock", "MDT", "MDTBlock", "MDTv2", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["Backbone", "DiT", "DiTBlock", "MAE", "MDT", "MDTBlock", "MDTv2", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]

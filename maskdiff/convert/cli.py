@@ -96,4 +96,56 @@ def mdt(
     return str(path)
 
 
-CONVERTERS = {"dit": dit, "mdt": mdt}
+def mae(
+    src: str,
+    out: str,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    norm_pix: bool | None = None,
+    mask_ratio: float = 0.75,
+    fold_imagenet_normalization: bool = True,
+) -> str:
+    """Import a facebookresearch/mae checkpoint (mae_pretrain_vit_*.pth or mae_visualize_vit_*.pth) as a maskdiff MAE.
+
+    The released mae_pretrain_vit_*.pth files hold the encoder only: the decoder of the written checkpoint is then
+    freshly initialised (fine for features, probes and fine-tuning; reconstructions need a full checkpoint).
+
+    Args:
+        src: official ``.pth`` file (``{"model": state_dict}`` or a bare state dict).
+        out: maskdiff ``.ckpt`` to write.
+        num_heads: encoder heads, needed only for sizes outside MAE_SIZES.
+        decoder_num_heads: decoder heads, likewise.
+        norm_pix: loss target of the written method; default: true for encoder-only files (the released pre-training
+            runs used --norm_pix_loss), false for full ones (the visualisation models predict pixels).
+        mask_ratio: hidden share of the written method's TokenMasking.
+        fold_imagenet_normalization: rewrite the patch embedding (and a pixel-loss decoder's output layer) so the model
+            reads and predicts maskdiff's [-1, 1] pixels instead of ImageNet-normalised ones; false keeps the official
+            function exactly.
+    """
+    from maskdiff.convert.dit import _allow_train_args
+    from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
+
+    with _allow_train_args():
+        official = torch.load(require_file(src, "MAE checkpoint"), map_location="cpu", weights_only=True)
+    model, backbone_config, decoder_loaded = mae_from_official(official, num_heads, decoder_num_heads)
+    norm_pix = (not decoder_loaded) if norm_pix is None else norm_pix
+    state_dict = model.state_dict()
+    if fold_imagenet_normalization:
+        state_dict = fold_pixel_normalization(state_dict, outputs=decoder_loaded and not norm_pix)
+    init_args = {
+        "backbone": {"class_path": "maskdiff.backbones.MAE", "init_args": backbone_config},
+        "corruption": {"class_path": "maskdiff.corruption.TokenMasking", "init_args": {"mask_ratio": mask_ratio}},
+        "objective": {
+            "class_path": "maskdiff.objectives.MaskedReconstruction",
+            "init_args": {"norm_pix": norm_pix, "region": "masked"},
+        },
+        "ema_decay": None,
+    }
+    path = write_method_checkpoint(out, "maskdiff.methods.MAE", init_args, {f"backbone.{k}": v for k, v in state_dict.items()})
+    size = f"depth {backbone_config['depth']}, width {backbone_config['hidden_size']}, patch {backbone_config['patch_size']}"
+    decoder = "decoder loaded" if decoder_loaded else "encoder only: decoder freshly initialised"
+    print(f"wrote {path}: MAE ({size}, input {backbone_config['input_size']}; {decoder}; norm_pix {norm_pix})")
+    return str(path)
+
+
+CONVERTERS = {"dit": dit, "mdt": mdt, "mae": mae}

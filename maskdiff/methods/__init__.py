@@ -2,6 +2,7 @@
 
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.dit import DiT
+from maskdiff.methods.mae import MAE
 from maskdiff.methods.mdt import MDT
 
-__all__ = ["DiT", "MDT", "MaskDiffModule"]
+__all__ = ["DiT", "MAE", "MDT", "MaskDiffModule"]
