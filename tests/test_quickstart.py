@@ -6,12 +6,12 @@ import pytest
 from PIL import Image
 
 from maskdiff.cli import main
-from tests.helpers import CONFIGS, config_in
+from tests.helpers import CONFIGS, FAST_GRID, config_in
 
 
 @pytest.mark.slow
 def test_quickstart_loss_falls(tmp_path, digits_cache, capsys):
-    config, ckpt_dir = config_in(tmp_path, CONFIGS / "quickstart.yaml")
+    config, ckpt_dir = config_in(tmp_path, CONFIGS / "quickstart.yaml", grid=FAST_GRID)
     main(["fit", "--config", str(config), "--trainer.max_steps", "300", "--trainer.log_every_n_steps", "10",
           "--model.init_args.lr_scheduler.init_args.total_steps", "300"])
     metrics_file = next((tmp_path / "logs").rglob("metrics.csv"))
@@ -24,5 +24,6 @@ def test_quickstart_loss_falls(tmp_path, digits_cache, capsys):
     assert f"checkpoint: {ckpt_dir / 'last.ckpt'}" in printed
     grid_path = next((tmp_path / "logs").rglob("final.png"))
     assert f"sample grid: {grid_path}" in printed
-    # 10 classes x 10 samples of 16x16 with 1-pixel padding
-    assert Image.open(grid_path).size == (10 * 17 + 1, 10 * 17 + 1)
+    # one row per class (10), FAST_GRID's 1 sample per row, 16x16 with 1-pixel padding
+    assert Image.open(grid_path).size == (1 * 17 + 1, 10 * 17 + 1)
+    assert "eval/digits_fd:" in printed and "eval/class_consistency:" in printed

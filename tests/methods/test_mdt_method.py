@@ -80,7 +80,7 @@ def test_two_process_ddp_without_unused_parameter_search(tmp_path, digits_cache)
 @pytest.mark.slow
 def test_compare_dit_mdt_example(tmp_path, digits_cache):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compare_dit_mdt.py"), "--steps", "6", "--eval_every", "3",
+        [sys.executable, str(ROOT / "examples" / "compare_dit_mdt.py"), "--steps", "4", "--eval_every", "2",
          "--per_class", "2", "--out", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -90,6 +90,6 @@ def test_compare_dit_mdt_example(tmp_path, digits_cache):
     report = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert [run["name"] for run in report["runs"]] == ["DiT", "MDT"]
     for run in report["runs"]:
-        assert [row["step"] for row in run["history"]] == [3, 6]
+        assert [row["step"] for row in run["history"]] == [2, 4]
         assert all(0.0 <= row["class_consistency"] <= 1.0 and row["digits_fd"] > 0 for row in run["history"])
-    assert "| 6 |" in (tmp_path / "out" / "comparison.md").read_text()
+    assert "| 4 |" in (tmp_path / "out" / "comparison.md").read_text()
