@@ -4,6 +4,7 @@
     maskdiff fit --config configs/quickstart.yaml --print_config
     maskdiff sample --ckpt runs/quickstart/checkpoints/last.ckpt --out grid.png --sampler ddim --steps 50
     maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt
+    maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from maskdiff.evaluation.linear_probe import probe
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
@@ -110,7 +112,7 @@ def sample(
     return str(path)
 
 
-TOOLS = {"sample": (sample, False)}
+TOOLS = {"sample": (sample, False), "probe": (probe, False)}
 
 
 def _register_convert() -> None:

@@ -1,8 +1,9 @@
-"""Methods: LightningModules that compose a backbone, a corruption, an objective and a sampler."""
+"""Methods: LightningModules that compose a backbone, a corruption, an objective and a sampler; and fine-tuning."""
 
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.dit import DiT
+from maskdiff.methods.finetune import FineTune
 from maskdiff.methods.mae import MAE
 from maskdiff.methods.mdt import MDT
 
-__all__ = ["DiT", "MAE", "MDT", "MaskDiffModule"]
+__all__ = ["DiT", "FineTune", "MAE", "MDT", "MaskDiffModule"]

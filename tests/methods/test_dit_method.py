@@ -27,9 +27,13 @@ def test_every_config_parses_through_the_cli(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
-    backbone = printed["model"]["init_args"]["backbone"]
-    assert backbone["class_path"].startswith("maskdiff.backbones.")
-    assert "hidden_size" in backbone["init_args"]  # components are shown with all their init args
+    model = printed["model"]
+    if model["class_path"].endswith("FineTune"):
+        assert model["init_args"]["ckpt"]  # the backbone comes from this checkpoint, loaded in configure_model
+    else:
+        backbone = model["init_args"]["backbone"]
+        assert backbone["class_path"].startswith("maskdiff.backbones.")
+        assert "hidden_size" in backbone["init_args"]  # components are shown with all their init args
     assert printed["data"]["class_path"].startswith("maskdiff.data.")
 
 

@@ -1,0 +1,201 @@
+"""Online linear probe: a linear head trained on detached features of the training batches while a method trains."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.classification import MulticlassAccuracy
+
+from maskdiff.evaluation.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.evaluation.linear_probe import linear_head
+
+
+class OnlineLinearProbe(L.Callback):
+    """Trains ``BatchNorm1d(affine=False) + Linear`` on the live backbone's features and logs held-out accuracy.
+
+    Every ``every_n_steps``-th training batch, the callback runs its own forward of the live (raw) backbone in eval
+    mode under ``torch.no_grad()`` and a forked RNG on the batch's clean images (``to_tokens``, the same
+    :class:`~maskdiff.evaluation.FeatureSpec` as ``maskdiff probe``), then steps its head with its own SGD
+    (momentum 0.9). The method's gradients, optimizer state, EMA and random stream are left as they were; the head
+    lives outside the LightningModule (not in its state dict, EMA or DDP wrapper). Under DDP the head's gradients and
+    BatchNorm statistics are averaged over ranks so all ranks keep the same head.
+
+    On each validation epoch it logs ``probe/top1`` and ``probe/top5`` (torchmetrics, synced over ranks);
+    ``probe/train_loss`` is logged per training step. The protocol (``mode: online``, pooling, depth, timestep, lr)
+    is logged once as hyperparameters ``online_probe``. Online numbers are not comparable with the offline
+    ``maskdiff probe`` ones: the head chases a moving backbone and sees each batch once per epoch.
+
+    Args:
+        pooling: ``cls`` or ``mean``; default ``cls`` when the backbone has a cls token, else ``mean``.
+        depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
+        timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
+        lr: the head's SGD learning rate (constant).
+        num_classes: classes of the head; default the data module's ``num_classes``.
+        every_n_steps: train the head on every n-th training batch.
+        seed: seeds the head's initialisation.
+    """
+
+    def __init__(
+        self,
+        pooling: Literal["cls", "mean"] | None = None,
+        depth: int | None = None,
+        timestep: int | None = None,
+        lr: float = 0.1,
+        num_classes: int | None = None,
+        every_n_steps: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.pooling = pooling
+        self.depth = depth
+        self.timestep = timestep
+        self.lr = lr
+        self.num_classes = num_classes
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.spec: FeatureSpec | None = None
+        self.head: torch.nn.Sequential | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.top1: MulticlassAccuracy | None = None
+        self.top5: MulticlassAccuracy | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(pooling=self.pooling, depth=self.depth, timestep=self.timestep)
+
+    def protocol(self) -> dict[str, Any]:
+        spec = self.spec.as_dict() if self.spec is not None else {}
+        return {"mode": "online", **spec, "head": "BatchNorm1d(affine=False)+Linear", "optimizer": "sgd",
+                "momentum": 0.9, "lr": self.lr, "num_classes": self.num_classes, "every_n_steps": self.every_n_steps}
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "backbone") or not hasattr(pl_module, "to_tokens"):
+            raise TypeError(f"OnlineLinearProbe needs a maskdiff method (backbone + to_tokens), got {type(pl_module).__name__}")
+        if self.num_classes is None:
+            self.num_classes = getattr(trainer.datamodule, "num_classes", None) if trainer.datamodule is not None else None
+            if self.num_classes is None:
+                raise ValueError("OnlineLinearProbe: the data module has no num_classes; set num_classes on the callback")
+        backbone = pl_module.backbone
+        pooling = self.pooling or ("cls" if getattr(backbone, "num_prefix_tokens", 0) >= 1 else "mean")
+        self.spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False))
+        top5 = min(5, self.num_classes)
+        self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        protocol = self.protocol()
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"online_probe": protocol})
+        rank_zero_info("online linear probe: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
+
+    def _ensure_head(self, feature_dim: int, device: torch.device) -> torch.nn.Sequential:
+        if self.head is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.head = linear_head(feature_dim, self.num_classes, generator).to(device)
+            self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lr, momentum=0.9)
+            if self._pending_state is not None:
+                self._apply_state(self._pending_state)
+                self._pending_state = None
+        self.top1.to(device)
+        self.top5.to(device)
+        return self.head
+
+    # ------------------------------------------------------------------------------------------ features
+    def features(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+        """Detached float32 features ``(B, D)`` of ``images (B, C, H, W)`` from the live backbone in eval mode."""
+        backbone = pl_module.backbone
+        devices = [images.device] if images.device.type == "cuda" else []
+        was_training = backbone.training
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+            backbone.eval()
+            try:
+                return backbone_features(backbone, pl_module.to_tokens(images), self.spec).float()
+            finally:
+                backbone.train(was_training)
+
+    @staticmethod
+    def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("OnlineLinearProbe needs (images, labels) batches; this data gives no labels")
+        return batch[0], batch[1].long()
+
+    def _sync(self, trainer: L.Trainer) -> None:
+        if trainer.world_size <= 1:
+            return
+        for param in self.head.parameters():
+            if param.grad is not None:
+                param.grad = trainer.strategy.reduce(param.grad, reduce_op="mean")
+
+    def _sync_statistics(self, trainer: L.Trainer) -> None:
+        if trainer.world_size <= 1:
+            return
+        norm = self.head[0]
+        norm.running_mean.copy_(trainer.strategy.reduce(norm.running_mean, reduce_op="mean"))
+        norm.running_var.copy_(trainer.strategy.reduce(norm.running_var, reduce_op="mean"))
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx % self.every_n_steps:
+            return
+        images, labels = self._split(batch)
+        if images.shape[0] < 2:
+            return
+        features = self.features(trainer, pl_module, images)
+        head = self._ensure_head(features.shape[1], features.device)
+        head.train()
+        with torch.enable_grad():
+            loss = F.cross_entropy(head(features), labels.to(features.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self._sync(trainer)
+        self.optimizer.step()
+        with torch.no_grad():
+            self._sync_statistics(trainer)
+        pl_module.log("probe/train_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=images.shape[0])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking or self.head is None:
+            return
+        images, labels = self._split(batch)
+        if images.shape[0] == 0:
+            return
+        features = self.features(trainer, pl_module, images)
+        self.head.eval()
+        with torch.no_grad():
+            logits = self.head(features)
+        labels = labels.to(logits.device)
+        self.top1.update(logits, labels)
+        self.top5.update(logits, labels)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.head is None:
+            return
+        pl_module.log("probe/top1", self.top1.compute(), sync_dist=True)
+        pl_module.log("probe/top5", self.top5.compute(), sync_dist=True)
+        self.top1.reset()
+        self.top5.reset()
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        if self.head is None:
+            return dict(self._pending_state or {})
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "protocol": self.protocol()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.head is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])

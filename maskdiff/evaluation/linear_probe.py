@@ -1,0 +1,423 @@
+"""Offline linear probe, MAE's protocol (``main_linprobe.py``) on cached frozen features.
+
+:func:`run_linear_probe` trains ``BatchNorm1d(affine=False, eps=1e-6) + Linear`` (weights trunc-normal, std 0.01)
+with LARS (momentum 0.9, trust 0.001) or SGD, lr = ``base_lr × batch / 256``, per-iteration linear warmup then
+half-cycle cosine to 0, and reports top-1 / top-5 on the held-out features.
+
+:func:`probe` is ``maskdiff probe``: it extracts features of a checkpoint once for the training split (every
+training sample once, without augmentation) and the held-out split, caches them, trains the head and writes JSON::
+
+    maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml \\
+        --batch_size 256 --optimizer sgd --out probe.json
+    maskdiff probe --ckpt mae.ckpt --data.class_path maskdiff.data.ImageShardsDataModule \\
+        --data.init_args.train_shards '/data/in1k-train-{000000..000639}.tar' --data.init_args.val_shards ... \\
+        --pooling cls --device cuda
+
+Differences from MAE's probe: features are computed once from un-augmented images (MAE recomputes them each epoch
+under RandomResizedCrop + flip), so the head sees each training image in one view only.
+
+The defaults are MAE's ImageNet protocol. LARS turns each step of the weight matrix into ``lr × 0.001 × ‖W‖``, which
+suits MAE's ~7,000 steps at lr 6.4; on small sets it barely moves the head: on the digits (6 steps per epoch at batch
+256) a 600-step quickstart DiT probes at 0.31 top-1 with LARS at base_lr 0.1, 0.97 with base_lr 10 and 0.95 with SGD at 0.1.
+Use ``--optimizer sgd`` (MAE: "SGD works similarly") or a larger ``--base_lr`` there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from maskdiff.evaluation.features import (
+    FeatureSpec,
+    extract_dataset_features,
+    resolve_backbone,
+    resolve_spec,
+)
+from maskdiff.evaluation.lars import LARS
+
+log = logging.getLogger("maskdiff.evaluation")
+
+CACHE_VERSION = 1
+SMALL_HEAD_WORK = 2**24
+LOADER_KNOBS = {"batch_size", "val_batch_size", "num_workers", "epochs_seen", "prepare_data_per_node",
+                "allow_zero_length_dataloader_with_multiple_devices"}
+
+
+# ---------------------------------------------------------------------------------------------- head & training
+def linear_head(feature_dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Sequential:
+    """MAE's probe head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (trunc-normal std 0.01, zero
+    bias), built on the CPU without drawing from the global random stream (``generator`` seeds the weights)."""
+    with torch.random.fork_rng(devices=[]):
+        head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def warmup_cosine(epoch: float, peak_lr: float, warmup_epochs: float, epochs: float, min_lr: float = 0.0) -> float:
+    """MAE's ``adjust_learning_rate`` at a fractional ``epoch``: linear warmup, then half-cycle cosine to ``min_lr``."""
+    if epoch < warmup_epochs:
+        return peak_lr * epoch / warmup_epochs
+    if epochs <= warmup_epochs:
+        return peak_lr
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows of ``logits (M, C)`` whose label ``(M,)`` is among the ``k`` largest (``k`` capped at C)."""
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+    return hits.float().mean().item()
+
+
+def check_labels(labels: torch.Tensor | None, split: str, what: str = "data") -> torch.Tensor:
+    """``labels (M,)`` as int64, or ValueError when they are missing or not class indices."""
+    if labels is None:
+        raise ValueError(f"the {split} split of the {what} gives no labels (batches are bare images); "
+                         "a linear probe needs (images, labels) batches")
+    labels = labels.long()
+    negative = int((labels < 0).sum())
+    if negative == labels.numel():
+        raise ValueError(f"the {split} split of the {what} is unlabelled (all {negative} labels are {int(labels[0])}); "
+                         "a linear probe needs class labels >= 0")
+    if negative:
+        raise ValueError(f"{negative} of {labels.numel()} {split} labels are negative; expected class indices >= 0")
+    return labels
+
+
+@contextlib.contextmanager
+def _few_threads_for_small_work(device: torch.device, work_per_step: int):
+    """One CPU thread while training a small head: its many tiny ops gain nothing from intra-op threads, and on a busy
+    machine waiting for the other threads makes each of them orders of magnitude slower."""
+    if device.type != "cpu" or work_per_step >= SMALL_HEAD_WORK:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    epochs: int = 90,
+    batch_size: int = 16384,
+    base_lr: float = 0.1,
+    optimizer: Literal["lars", "sgd"] = "lars",
+    warmup_epochs: int = 10,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train MAE's linear head on cached features and score it; deterministic for a given ``seed`` and device.
+
+    Args:
+        train_features, train_labels: ``(M, D)`` features and ``(M,)`` class indices.
+        val_features, val_labels: ``(M_val, D)`` and ``(M_val,)``.
+        epochs: passes over the training features (MAE: 90; 50 for ViT-L/H).
+        batch_size: batch size (MAE: 16384 over 32 GPUs), capped at M; the last partial batch of an epoch is dropped.
+        base_lr: lr = ``base_lr × batch / 256``.
+        optimizer: ``lars`` (MAE: momentum 0.9, trust 0.001) or ``sgd`` (momentum 0.9).
+        warmup_epochs: linear warmup length in epochs (per iteration), then half-cycle cosine to 0.
+        weight_decay: weight decay (MAE: 0).
+        seed: seeds the head's init and the batch order.
+        num_classes: classes of the head (default: the largest label + 1).
+        device: where the head trains.
+
+    Returns ``top1``, ``top5`` (held-out, fractions in [0, 1]), ``train_loss`` (mean of the last epoch), and the
+    protocol: ``epochs, warmup_epochs, batch, base_lr, lr, optimizer, weight_decay, seed, num_train, num_val,
+    num_classes, feature_dim, steps``.
+    """
+    if optimizer not in ("lars", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of lars, sgd")
+    if epochs < 1 or not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got epochs={epochs}, warmup_epochs={warmup_epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if train_features.ndim != 2 or val_features.ndim != 2 or train_features.shape[1] != val_features.shape[1]:
+        raise ValueError(f"expected features (M, D) with the same D, got {tuple(train_features.shape)} and {tuple(val_features.shape)}")
+    if len(train_labels) != len(train_features) or len(val_labels) != len(val_features):
+        raise ValueError("each feature row needs one label")
+    train_labels, val_labels = check_labels(train_labels, "train", "features"), check_labels(val_labels, "val", "features")
+    num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
+    num_train, feature_dim = train_features.shape
+    batch = min(batch_size, num_train)
+    lr = base_lr * batch / 256
+    steps_per_epoch = num_train // batch
+
+    generator = torch.Generator().manual_seed(seed)
+    head = linear_head(feature_dim, num_classes, generator).to(device)
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    features, labels = train_features.float().to(device), train_labels.to(device)
+
+    with _few_threads_for_small_work(torch.device(device), batch * feature_dim * num_classes):
+        head.train()
+        epoch_loss = torch.zeros((), device=device)
+        for epoch in range(epochs):
+            order = torch.randperm(num_train, generator=generator).to(device)
+            epoch_loss.zero_()
+            for step in range(steps_per_epoch):
+                for group in opt.param_groups:
+                    group["lr"] = warmup_cosine(epoch + step / steps_per_epoch, lr, warmup_epochs, epochs)
+                rows = order[step * batch : (step + 1) * batch]
+                loss = F.cross_entropy(head(features[rows]), labels[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                epoch_loss += loss.detach()
+
+        head.eval()
+        with torch.no_grad():
+            logits = torch.cat([head(chunk.float().to(device)) for chunk in val_features.split(65536)]).cpu()
+    return {
+        "top1": topk_accuracy(logits, val_labels, 1),
+        "top5": topk_accuracy(logits, val_labels, 5),
+        "train_loss": (epoch_loss / steps_per_epoch).item(),
+        "epochs": epochs,
+        "warmup_epochs": warmup_epochs,
+        "batch": batch,
+        "base_lr": base_lr,
+        "lr": lr,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "num_train": num_train,
+        "num_val": len(val_features),
+        "num_classes": num_classes,
+        "feature_dim": feature_dim,
+        "steps": steps_per_epoch * epochs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
+    """A data module, or one built from a YAML file: its ``data:`` section (a ``maskdiff fit`` config) or the whole
+    file when it is itself ``class_path`` + ``init_args``."""
+    if isinstance(data, L.LightningDataModule):
+        return data
+    from jsonargparse import ArgumentParser
+
+    from maskdiff.checkpoints import require_file
+
+    path = require_file(data, "data config")
+    config = yaml.safe_load(path.read_text()) or {}
+    section = config.get("data", config) if isinstance(config, dict) else None
+    if not isinstance(section, dict) or "class_path" not in section:
+        raise ValueError(f"{path} has no data section with a class_path (expected e.g. the `data:` of configs/quickstart.yaml)")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=L.LightningDataModule)
+    return parser.instantiate_classes(parser.parse_object({"data": section})).data
+
+
+def _identity(batch):
+    return batch
+
+
+def train_split_batches(datamodule: L.LightningDataModule) -> Iterable[Any]:
+    """The training split read once, without augmentation: batches ``(images, labels)``.
+
+    Shard data modules (:class:`~maskdiff.data.ImageShardsDataModule`, digits) train on a resampled endless stream,
+    so this reads the training shards as an exactly-once evaluation stream instead: every sample once (the first
+    ``train_samples_per_epoch`` when the shards have no manifest). Any other data module gives one epoch of its
+    ``train_dataloader()`` (exactly once if its loader is a plain map-style loader without ``drop_last``).
+    """
+    from maskdiff.data import (
+        EvalStream,
+        ImageDecoder,
+        ImageShardsDataModule,
+        SkipCounter,
+        expand_urls,
+        lookup_shard_counts,
+    )
+
+    if not isinstance(datamodule, ImageShardsDataModule):
+        loader = datamodule.train_dataloader()
+        log.warning("%s: features of one epoch of train_dataloader() (%s batches); exact-once only if that loader is",
+                    type(datamodule).__name__, len(loader) if hasattr(loader, "__len__") else "?")
+        return loader
+    import webdataset as wds
+
+    urls = expand_urls(datamodule.train_shards)
+    counts = lookup_shard_counts(urls)
+    total = sum(counts) if counts is not None else datamodule.train_samples_per_epoch
+    if total is None:
+        raise ValueError(f"cannot tell how many samples {datamodule.train_shards!r} holds: no manifest.json lists its shards "
+                         "and train_samples_per_epoch is not set")
+    stream = EvalStream(
+        urls, counts, total, rank=0, world_size=1,
+        batch_size=datamodule.val_batch_size or datamodule.batch_size,
+        decoder=ImageDecoder(datamodule.image_size, datamodule.channels, datamodule.num_classes),
+        handler=SkipCounter(datamodule.max_errors, name="probe-train"),
+    )
+    workers = min(datamodule.num_workers, len(stream))
+    return wds.WebLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity)
+
+
+def data_identity(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """The data module's class and plain settings (loader knobs such as batch size left out), for cache keys."""
+    settings = {
+        name: value for name, value in sorted(vars(datamodule).items())
+        if not name.startswith("_") and name not in LOADER_KNOBS and isinstance(value, (str, int, float, bool, type(None)))
+    }
+    for name in ("image_size", "channels", "num_classes"):
+        if hasattr(type(datamodule), name):
+            settings[name] = getattr(datamodule, name)
+    return {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", **settings}
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def default_feature_cache() -> Path:
+    from maskdiff.data import default_cache_dir
+
+    return default_cache_dir() / "features"
+
+
+def feature_cache_path(cache_dir: str | Path, ckpt: str | Path, spec: FeatureSpec, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """``(path, key)``: the cache file of a checkpoint's features, keyed by the checkpoint (path, mtime, size), the
+    resolved feature spec and the data."""
+    ckpt = Path(ckpt).expanduser().resolve()
+    stat = ckpt.stat()
+    key = {"version": CACHE_VERSION, "ckpt": str(ckpt), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size,
+           "spec": spec.as_dict(), "data": data}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"{ckpt.stem}-{digest}.pt", key
+
+
+def save_features(path: Path, key: dict[str, Any], splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save({"key": key, **{f"{split}_{part}": tensor for split, (features, labels) in splits.items()
+                               for part, tensor in (("features", features), ("labels", labels))}}, partial)
+    os.replace(partial, path)
+
+
+def load_features(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return {split: (stored[f"{split}_features"], stored[f"{split}_labels"]) for split in ("train", "val")}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def format_table(result: dict[str, Any]) -> str:
+    keys = ["mode", "ckpt", "weights", "pooling", "depth", "timestep", "feature_dim", "num_train", "num_val",
+            "num_classes", "epochs", "warmup_epochs", "batch", "base_lr", "lr", "optimizer", "weight_decay", "top1", "top5"]
+    width = max(map(len, keys))
+    lines = ["maskdiff probe: offline linear probe (frozen features, BN + linear head)"]
+    for key in keys:
+        value = result.get(key)
+        shown = f"{value:.4f}" if key in ("top1", "top5") else ("null" if value is None else value)
+        lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def probe(
+    ckpt: str,
+    data: L.LightningDataModule | str,
+    pooling: Literal["cls", "mean"] | None = None,
+    depth: int | None = None,
+    timestep: int | None = None,
+    weights: Literal["ema", "raw"] = "ema",
+    epochs: int = 90,
+    warmup_epochs: int = 10,
+    batch_size: int = 16384,
+    base_lr: float = 0.1,
+    optimizer: Literal["lars", "sgd"] = "lars",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    out: str = "probe.json",
+    cache_dir: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Offline linear probe of a checkpoint's frozen features (MAE's protocol); writes a JSON and prints a table.
+
+    Args:
+        ckpt: maskdiff checkpoint (from ``fit`` or ``convert``).
+        data: the labelled data: a config YAML whose ``data:`` section is used (e.g. ``configs/quickstart.yaml``), or
+            ``--data.class_path ... --data.init_args.NAME VALUE``. The training split is read once, un-augmented;
+            the held-out split is ``val_dataloader()``.
+        pooling: ``cls`` (first prefix token; MAE's default) or ``mean`` (patch tokens); default ``cls`` when the
+            backbone has a cls token, else ``mean``.
+        depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
+        timestep: timestep of a time-conditioned backbone (DiT, MDT); default 0; must be unset for MAE.
+        weights: ``ema`` or ``raw`` backbone weights (``ema`` falls back to raw when the method keeps no EMA).
+        epochs: head training epochs (MAE: 90).
+        warmup_epochs: linear warmup epochs (MAE: 10).
+        batch_size: head batch size, capped at the training-set size (MAE: 16384).
+        base_lr: lr = base_lr × batch / 256 (MAE: 0.1).
+        optimizer: ``lars`` (MAE) or ``sgd`` (momentum 0.9; better on small data sets, see the module notes).
+        weight_decay: head weight decay (MAE: 0).
+        seed: seeds the head init and batch order.
+        out: JSON file to write.
+        cache_dir: feature cache folder (default ``$MASKDIFF_CACHE/features`` or ``~/.cache/maskdiff/features``).
+        device: torch device for feature extraction and head training.
+    """
+    from maskdiff.checkpoints import load_method, require_file
+
+    require_file(ckpt)
+    module = load_method(ckpt, map_location=device).to(device).eval()
+    use_ema = weights == "ema" and module.ema_backbone is not None
+    if weights == "ema" and not use_ema:
+        print(f"note: {ckpt} has no EMA weights; probing the raw weights", file=sys.stderr)
+    backbone = resolve_backbone(module, use_ema)
+    if pooling is None:
+        pooling = "cls" if getattr(backbone, "num_prefix_tokens", 0) >= 1 else "mean"
+    spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=depth, timestep=timestep, use_ema=use_ema))
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"warmup_epochs {warmup_epochs} must lie in 0..epochs ({epochs})")
+
+    datamodule = load_datamodule(data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.check_data(datamodule)
+    cache_path, key = feature_cache_path(cache_dir or default_feature_cache(), ckpt, spec, data_identity(datamodule))
+    if cache_path.is_file():
+        splits = load_features(cache_path)
+        print(f"features: reusing {cache_path}", file=sys.stderr)
+    else:
+        val_loader = datamodule.val_dataloader()
+        if isinstance(val_loader, (list, tuple)) and not val_loader:
+            raise ValueError(f"{type(datamodule).__name__} has no held-out split (val_dataloader() is empty); the probe needs one")
+        splits = {}
+        for split, batches in (("train", train_split_batches(datamodule)), ("val", val_loader)):
+            features, labels = extract_dataset_features(module, batches, spec)
+            splits[split] = (features, check_labels(labels, split, type(datamodule).__name__))
+        save_features(cache_path, key, splits)
+        print(f"features: cached in {cache_path}", file=sys.stderr)
+    for split, (_, labels) in splits.items():
+        check_labels(labels, split, type(datamodule).__name__)
+
+    result = run_linear_probe(
+        *splits["train"], *splits["val"], epochs=epochs, batch_size=batch_size, base_lr=base_lr, optimizer=optimizer,
+        warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
+        num_classes=getattr(datamodule, "num_classes", None), device=device,
+    )
+    result = {"mode": "offline", "ckpt": str(ckpt), "data": data_identity(datamodule)["class"], **spec.as_dict(),
+              **result, "feature_cache": str(cache_path)}
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"wrote {out_path}")
+    return result

@@ -1,0 +1,288 @@
+"""Classification fine-tuning of any maskdiff encoder (MAE's ``main_finetune.py`` recipe).
+
+    maskdiff fit --config configs/finetune_digits.yaml --model.init_args.ckpt runs/mae_digits/checkpoints/last.ckpt
+
+The backbone comes from a maskdiff checkpoint (:func:`~maskdiff.checkpoints.load_method`), loaded in
+:meth:`FineTune.configure_model`, so parsing a config never reads the file. Parts of the backbone that
+``forward_features`` does not use (MAE's decoder, DiT's final layer, MDT's decoder blocks) are frozen and left out of
+the optimizer. A time-conditioned backbone (DiT, MDT) runs at one fixed ``timestep`` on clean images and with the
+null class (labels never enter the backbone).
+
+Layer-wise lr decay uses :func:`timm.optim.param_groups_layer_decay` with :meth:`FineTune.group_matcher`, which
+numbers parameters as MAE's ``param_groups_lrd`` does: embeddings and tokens (top-level names containing ``embed``
+or ``token``) are layer 0, encoder block ``i`` (``blocks.i``; MDTv2 ``en_inblocks.i`` then ``en_outblocks.i``) is
+layer ``i + 1``, everything else (final norm, ``fc_norm``, head) is the last layer. A group's lr is the optimizer's
+lr × ``layer_decay ** (last - layer)``; its ``lr_scale`` is kept in the group.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from timm.data import Mixup
+from timm.layers import DropPath
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from maskdiff.backbones.base import Backbone
+from maskdiff.evaluation.features import (
+    FeatureSpec,
+    backbone_features,
+    images_to_tokens,
+    resolve_spec,
+)
+from maskdiff.methods.base import _built_by_cli
+
+BLOCK_NAME = re.compile(r"^(blocks|en_inblocks|en_outblocks)\.(\d+)\.")
+LAST_LAYER = math.inf
+
+
+def default_finetune_optimizer(params) -> torch.optim.Optimizer:
+    """MAE fine-tuning's AdamW: betas (0.9, 0.999), weight decay 0.05, lr 1e-3 (MAE: blr 5e-4..1e-3 × batch / 256)."""
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05)
+
+
+def encoder_layer(backbone: Backbone, name: str) -> float:
+    """Layer id of the backbone parameter ``name``: 0 for embeddings/tokens, ``i + 1`` for encoder block ``i``,
+    ``inf`` (the last layer) for everything else, decoder blocks included."""
+    match = BLOCK_NAME.match(name)
+    if match:
+        kind, index = match.group(1), int(match.group(2))
+        if kind == "en_outblocks":
+            index += len(backbone.en_inblocks)
+        return index + 1 if index < backbone.num_blocks else LAST_LAYER
+    top = name.split(".", 1)[0]
+    return 0 if ("embed" in top or "token" in top) else LAST_LAYER
+
+
+def set_drop_path(backbone: Backbone, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 to ``rate`` over the encoder blocks (timm ``Block``'s ``drop_path1/2``).
+
+    Raises ValueError when ``rate > 0`` and the encoder blocks have no drop path (e.g. DiT's adaLN blocks).
+    """
+    blocks = list(getattr(backbone, "blocks", []))[: backbone.num_blocks]
+    supported = bool(blocks) and all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks)
+    if not supported:
+        if rate > 0:
+            kind = type(blocks[0]).__name__ if blocks else "no `blocks`"
+            raise ValueError(
+                f"drop_path_rate {rate} needs encoder blocks with drop paths (timm ViT Block, as in MAE), but "
+                f"{type(backbone).__name__} has {kind}; use drop_path_rate 0"
+            )
+        return
+    for index, block in enumerate(blocks):
+        block_rate = rate * index / (len(blocks) - 1) if len(blocks) > 1 else 0.0
+        block.drop_path1 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
+
+
+class FineTune(L.LightningModule):
+    """Fine-tune a pre-trained maskdiff backbone for classification: features -> pooling -> linear head.
+
+    Args:
+        ckpt: maskdiff checkpoint to take the backbone (and its autoencoder) from; read in ``configure_model``.
+        num_classes: classes of the head; default the data module's ``num_classes`` (saved with the run).
+        pooling: ``mean``: all blocks without the final norm, mean of the patch tokens, then a new ``fc_norm``
+            LayerNorm (MAE's ``--global_pool``); ``cls``: all blocks + final norm, first token (needs a cls token).
+        timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
+        weights: ``ema`` or ``raw`` weights of the checkpoint (``ema`` falls back to raw when there is none).
+        drop_path_rate: stochastic depth of the last encoder block (linear from 0); backbones whose blocks have no
+            drop path (DiT, MDT) need 0.
+        layer_decay: layer-wise lr decay (1 = off; MAE ViT-B 0.65, ViT-L 0.75).
+        mixup, cutmix: timm ``Mixup`` alphas (0 = off); with either on, the loss is soft-target cross-entropy.
+        label_smoothing: label smoothing (inside Mixup's soft targets when mixing, else ``LabelSmoothingCrossEntropy``).
+        optimizer: called with the parameter groups (default AdamW lr 1e-3, wd 0.05); 1-D parameters and the
+            backbone's ``no_weight_decay`` get no weight decay.
+        lr_scheduler: called with the optimizer; stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        ckpt: str,
+        num_classes: int | None = None,
+        pooling: Literal["mean", "cls"] = "mean",
+        timestep: int | None = None,
+        weights: Literal["ema", "raw"] = "ema",
+        drop_path_rate: float = 0.0,
+        layer_decay: float = 1.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = default_finetune_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=None if _built_by_cli() else ["optimizer", "lr_scheduler"])
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of mean, cls")
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"unknown weights {weights!r}; expected one of ema, raw")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate {drop_path_rate} is outside [0, 1)")
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay {layer_decay} is outside (0, 1]; 1 disables layer-wise decay")
+        if mixup < 0 or cutmix < 0 or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"need mixup >= 0, cutmix >= 0 and label_smoothing in [0, 1), got {mixup}, {cutmix}, {label_smoothing}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.ckpt = ckpt
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.timestep = timestep
+        self.weights = weights
+        self.drop_path_rate = drop_path_rate
+        self.layer_decay = layer_decay
+        self.mixup_alpha = mixup
+        self.cutmix_alpha = cutmix
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.backbone: Backbone | None = None
+        self.spec: FeatureSpec | None = None
+
+    # ------------------------------------------------------------------------------------------ building
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if self.num_classes is None:
+            if data_classes is None:
+                raise ValueError("FineTune: set model.init_args.num_classes (the data module does not say)")
+            self.num_classes = data_classes
+            self.hparams["num_classes"] = data_classes
+        elif data_classes is not None and data_classes > self.num_classes:
+            raise ValueError(f"the data has {data_classes} classes but FineTune was set to num_classes {self.num_classes}")
+
+    def configure_model(self) -> None:
+        """Load the backbone from ``ckpt``, set drop path, freeze what the features do not use, add norm and head."""
+        if self.backbone is not None:
+            return
+        if self.num_classes is None:
+            raise ValueError("FineTune: num_classes is unknown; set model.init_args.num_classes")
+        from maskdiff.checkpoints import load_method
+
+        method = load_method(self.ckpt, map_location="cpu")
+        use_ema = self.weights == "ema" and method.ema_backbone is not None
+        if self.weights == "ema" and not use_ema:
+            rank_zero_warn(f"{self.ckpt} has no EMA weights; fine-tuning the raw weights")
+        backbone = method.inference_backbone(use_ema)
+        self.autoencoder = method.autoencoder
+        self.patchifier = backbone.patchifier
+        self._check_data()
+        depth = backbone.num_blocks if self.pooling == "mean" else None
+        self.spec = resolve_spec(backbone, FeatureSpec(self.pooling, depth=depth, timestep=self.timestep, use_ema=use_ema))
+        set_drop_path(backbone, self.drop_path_rate)
+        feature_dim = self._freeze_unused(backbone)
+        self.backbone = backbone.train()
+        self.fc_norm = nn.LayerNorm(feature_dim, eps=1e-6) if self.pooling == "mean" else nn.Identity()
+        self.head = nn.Linear(feature_dim, self.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+        top5 = min(5, self.num_classes)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
+        mixing = self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        self.mixup_fn = Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                              label_smoothing=self.label_smoothing, num_classes=self.num_classes) if mixing else None
+        if mixing:
+            self.criterion = SoftTargetCrossEntropy()
+        elif self.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(self.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def _check_data(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+        down = self.autoencoder.downsample
+        if size is not None and size // down != self.patchifier.input_size:
+            raise ValueError(f"data image_size {size} gives inputs of side {size // down} (autoencoder downsample {down}), "
+                             f"but the backbone of {self.ckpt} expects input_size {self.patchifier.input_size}")
+        expected = self.autoencoder.latent_channels or channels
+        if expected is not None and expected != self.patchifier.channels:
+            raise ValueError(f"the data gives {expected} channels to the backbone, which expects in_channels {self.patchifier.channels}")
+
+    def _freeze_unused(self, backbone: Backbone) -> int:
+        """Trace one dummy input through ``forward_features``: parameters it does not reach are frozen. Returns D."""
+        backbone.requires_grad_(True).eval()
+        params = dict(backbone.named_parameters())
+        reference = next(iter(params.values()))
+        tokens = torch.zeros(1, self.patchifier.num_tokens, self.patchifier.values_per_patch,
+                             dtype=reference.dtype, device=reference.device)
+        with torch.enable_grad():
+            features = backbone_features(backbone, tokens, self.spec)
+            grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
+        for param, grad in zip(params.values(), grads):
+            param.requires_grad_(grad is not None)
+        return features.shape[-1]
+
+    # ------------------------------------------------------------------------------------------ steps
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> logits ``(B, num_classes)``."""
+        tokens = images_to_tokens(self, images)
+        return self.head(self.fc_norm(backbone_features(self.backbone, tokens, self.spec)))
+
+    def to_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> autoencoder -> patch tokens ``(B, N, P)``."""
+        return self.patchifier.patchify(self.autoencoder.encode(images))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1].long()
+        targets = labels
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, labels)
+        loss = self.criterion(self(images), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch[0], batch[1].long()
+        if images.shape[0] == 0:
+            return
+        logits = self(images)
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+        self.log("val/loss", nn.functional.cross_entropy(logits.float(), labels), sync_dist=True, batch_size=images.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/top1", self.val_top1.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/top5", self.val_top5.compute(), sync_dist=True)
+        self.val_top1.reset()
+        self.val_top5.reset()
+
+    # ------------------------------------------------------------------------------------------ optim
+    def group_matcher(self, coarse: bool = False):
+        """timm's layer grouping hook: parameter name -> layer ordinal (see :func:`encoder_layer`)."""
+        prefix = "backbone."
+
+        def layer(name: str) -> float:
+            return encoder_layer(self.backbone, name[len(prefix):]) if name.startswith(prefix) else LAST_LAYER
+
+        return layer
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """timm layer-decay groups; decayed groups drop their ``weight_decay`` so the optimizer's own applies."""
+        no_decay = [f"backbone.{name}" for name in self.backbone.no_weight_decay()]
+        groups = param_groups_layer_decay(self, weight_decay=1.0, no_weight_decay_list=no_decay, layer_decay=self.layer_decay)
+        for group in groups:
+            if group["weight_decay"] != 0.0:
+                del group["weight_decay"]
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.param_groups())
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
