@@ -114,3 +114,24 @@ def test_reconstruct_keeps_visible_patches(norm_pix):
     assert torch.equal(rebuilt[~mask], original[~mask])
     assert not torch.allclose(rebuilt[mask], original[mask])
     assert method.backbone.training  # the caller's mode is restored
+
+
+@pytest.mark.slow
+def test_mae_digits_two_process_ddp_with_online_probe(tmp_path, digits_cache):
+    """The MAE digits config (with its online linear probe) trains under 2-process DDP on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import CONFIGS, ROOT, config_in
+
+    config, ckpt_dir = config_in(tmp_path, CONFIGS / "mae" / "mae_digits.yaml")
+    command = [sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(config), "--trainer.devices", "2",
+               "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "2",
+               "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert any("OnlineLinearProbe" in key for key in checkpoint["callbacks"])
