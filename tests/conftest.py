@@ -18,3 +18,23 @@ def digits_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("maskdiff-cache")
     os.environ["MASKDIFF_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (small tensors: a second thread only adds contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def dit_ckpt(tmp_path_factory, digits_cache):
+    """A 2-block DiT (8x8 digits) trained for 4 steps with configs/dit/dit_debug_cpu.yaml."""
+    from maskdiff.cli import main
+    from tests.helpers import config_in
+
+    path, ckpt_dir = config_in(tmp_path_factory.mktemp("dit_ckpt"))
+    main(["fit", "--config", str(path), "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"])
+    return ckpt_dir / "last.ckpt"

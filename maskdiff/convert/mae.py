@@ -24,6 +24,7 @@ import torch
 from maskdiff.backbones.mae import DECODER_PREFIXES, MAE, MAE_SIZES, position_table
 from maskdiff.checkpoints import require_file
 from maskdiff.convert.dit import _allow_train_args
+from maskdiff.convert.layout import check_keys_and_shapes, conv_patch_embed_to_linear
 
 log = logging.getLogger("maskdiff.convert")
 
@@ -160,7 +161,7 @@ def convert_mae_state_dict(
     """
     source = unwrap_state_dict(official)
     config = infer_mae_config(source, num_heads, decoder_num_heads)
-    width, patch, channels = config["hidden_size"], config["patch_size"], config["in_channels"]
+    width, patch = config["hidden_size"], config["patch_size"]
     grid = (config["input_size"] // patch,) * 2
     has_decoder = "decoder_pos_embed" in source
 
@@ -173,7 +174,7 @@ def convert_mae_state_dict(
         if key in ("pos_embed", "decoder_pos_embed"):
             continue
         if key == "patch_embed.proj.weight":
-            converted["patch_embed.weight"] = value.permute(0, 2, 3, 1).reshape(width, patch * patch * channels)
+            converted["patch_embed.weight"] = conv_patch_embed_to_linear(value)
         elif key == "patch_embed.proj.bias":
             converted["patch_embed.bias"] = value
         else:
@@ -183,19 +184,7 @@ def convert_mae_state_dict(
     expected = _expected_shapes(config)
     if not has_decoder:
         expected = {key: shape for key, shape in expected.items() if not is_decoder_key(key)}
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise _not_an_mae(f"missing key(s) {', '.join(missing)}")
-    unexpected = sorted(set(converted) - set(expected))
-    if unexpected:
-        raise _not_an_mae(f"unexpected key(s) {', '.join(unexpected)}")
-    mismatched = [
-        f"{key} {tuple(converted[key].shape)} (expected {tuple(shape)})"
-        for key, shape in expected.items()
-        if converted[key].shape != shape
-    ]
-    if mismatched:
-        raise _not_an_mae(f"shape mismatch for {', '.join(mismatched)}")
+    check_keys_and_shapes(converted, expected, _not_an_mae)
     return converted, config
 
 

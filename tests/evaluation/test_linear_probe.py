@@ -11,7 +11,7 @@ from maskdiff.evaluation import linear_probe
 from maskdiff.evaluation.features import FeatureSpec, extract_features
 from maskdiff.evaluation.lars import LARS
 from maskdiff.evaluation.linear_probe import probe, run_linear_probe
-from tests.helpers import DEBUG_CONFIG, config_in
+from tests.helpers import DEBUG_CONFIG
 
 PROTOCOL_FIELDS = {"mode", "ckpt", "weights", "pooling", "depth", "timestep", "epochs", "warmup_epochs", "batch",
                    "base_lr", "lr", "optimizer", "weight_decay", "seed", "num_train", "num_val", "num_classes",
@@ -19,21 +19,7 @@ PROTOCOL_FIELDS = {"mode", "ckpt", "weights", "pooling", "depth", "timestep", "e
 QUICK = ["--batch_size", "256", "--epochs", "4", "--warmup_epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dit_ckpt(tmp_path_factory, digits_cache):
-    """A 2-block DiT trained for 4 steps with configs/dit/dit_debug_cpu.yaml."""
-    tmp_path = tmp_path_factory.mktemp("dit_probe")
-    path, ckpt_dir = config_in(tmp_path)
-    main(["fit", "--config", str(path), "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"])
-    return ckpt_dir / "last.ckpt"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(num: int, generator: torch.Generator, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

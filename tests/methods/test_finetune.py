@@ -13,21 +13,7 @@ from tests.helpers import CONFIGS, config_in
 FINETUNE_DIGITS = CONFIGS / "finetune_digits.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dit_ckpt(tmp_path_factory, digits_cache):
-    """A 2-block DiT (8x8 digits) trained for 2 steps with configs/dit/dit_debug_cpu.yaml."""
-    tmp_path = tmp_path_factory.mktemp("dit_finetune")
-    path, ckpt_dir = config_in(tmp_path)
-    main(["fit", "--config", str(path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
-    return ckpt_dir / "last.ckpt"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
