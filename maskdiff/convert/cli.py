@@ -8,6 +8,22 @@ from maskdiff.checkpoints import require_file, write_method_checkpoint
 from maskdiff.convert.dit import convert_dit_state_dict
 
 
+def generative_init_args(backbone_class: str, backbone_config: dict, guidance: dict, vae: str | None, vae_scale_factor: float) -> dict:
+    """Method config of an imported generative model: the backbone, stored guidance, no separate EMA (the released
+    weights are the EMA weights) and, when given, the local SD VAE that decodes its latents."""
+    init_args = {
+        "backbone": {"class_path": backbone_class, "init_args": backbone_config},
+        "guidance": {"class_path": "maskdiff.samplers.ClassifierFreeGuidance", "init_args": guidance},
+        "ema_decay": None,
+    }
+    if vae is not None:
+        init_args["autoencoder"] = {
+            "class_path": "maskdiff.autoencoders.StableDiffusionVAE",
+            "init_args": {"path": vae, "scale_factor": vae_scale_factor},
+        }
+    return init_args
+
+
 def dit(
     src: str,
     out: str,
@@ -32,19 +48,8 @@ def dit(
     """
     official = torch.load(require_file(src, "DiT checkpoint"), map_location="cpu", weights_only=True)
     state_dict, backbone_config = convert_dit_state_dict(official, num_heads=num_heads)
-    init_args = {
-        "backbone": {"class_path": "maskdiff.backbones.DiT", "init_args": backbone_config},
-        "guidance": {
-            "class_path": "maskdiff.samplers.ClassifierFreeGuidance",
-            "init_args": {"scale": cfg_scale, "channels": cfg_channels},
-        },
-        "ema_decay": None,
-    }
-    if vae is not None:
-        init_args["autoencoder"] = {
-            "class_path": "maskdiff.autoencoders.StableDiffusionVAE",
-            "init_args": {"path": vae, "scale_factor": vae_scale_factor},
-        }
+    guidance = {"scale": cfg_scale, "channels": cfg_channels}
+    init_args = generative_init_args("maskdiff.backbones.DiT", backbone_config, guidance, vae, vae_scale_factor)
     path = write_method_checkpoint(out, "maskdiff.methods.DiT", init_args, {f"backbone.{k}": v for k, v in state_dict.items()})
     size = f"depth {backbone_config['depth']}, width {backbone_config['hidden_size']}, patch {backbone_config['patch_size']}"
     print(f"wrote {path}: DiT ({size}, input {backbone_config['input_size']}, {backbone_config['num_classes']} classes)")
@@ -77,19 +82,8 @@ def mdt(
 
     official = torch.load(require_file(src, "MDT checkpoint"), map_location="cpu", weights_only=True)
     state_dict, cls, backbone_config = convert_mdt_state_dict(official, decode_layer)
-    init_args = {
-        "backbone": {"class_path": f"maskdiff.backbones.{cls.__name__}", "init_args": backbone_config},
-        "guidance": {
-            "class_path": "maskdiff.samplers.ClassifierFreeGuidance",
-            "init_args": {"scale": cfg_scale, "channels": cfg_channels, "schedule": "power_cosine", "power": cfg_power},
-        },
-        "ema_decay": None,
-    }
-    if vae is not None:
-        init_args["autoencoder"] = {
-            "class_path": "maskdiff.autoencoders.StableDiffusionVAE",
-            "init_args": {"path": vae, "scale_factor": vae_scale_factor},
-        }
+    guidance = {"scale": cfg_scale, "channels": cfg_channels, "schedule": "power_cosine", "power": cfg_power}
+    init_args = generative_init_args(f"maskdiff.backbones.{cls.__name__}", backbone_config, guidance, vae, vae_scale_factor)
     path = write_method_checkpoint(out, "maskdiff.methods.MDT", init_args, {f"backbone.{k}": v for k, v in state_dict.items()})
     print(f"wrote {path}: {cls.__name__} (depth {backbone_config['depth']}, width {backbone_config['hidden_size']}, "
           f"decode_layer {backbone_config['decode_layer']}, {backbone_config['num_classes']} classes)")
