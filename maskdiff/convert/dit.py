@@ -21,7 +21,7 @@ import torch
 
 from maskdiff.backbones.dit import DIT_SIZES, DiT
 from maskdiff.backbones.embeddings import sincos_2d
-from maskdiff.convert.layout import check_keys_and_shapes, conv_patch_embed_to_linear, meta_shapes, tokens_major_output
+from maskdiff.convert.layout import check_keys_and_shapes, dit_family_state_dict, meta_shapes
 
 OFFICIAL_DIT_URL = "https://github.com/facebookresearch/DiT"
 POS_EMBED_TOLERANCE = 1e-4
@@ -144,20 +144,7 @@ def convert_dit_state_dict(
 
     _check_pos_embed(source["pos_embed"], hidden, grid)
 
-    converted = {}
-    for key, value in source.items():
-        if key == "pos_embed":
-            continue
-        if key == "x_embedder.proj.weight":
-            converted["x_embedder.weight"] = conv_patch_embed_to_linear(value)
-        elif key == "x_embedder.proj.bias":
-            converted["x_embedder.bias"] = value
-        elif key.startswith("final_layer.linear."):
-            converted[key] = tokens_major_output(value, patch * patch, parts, channels)
-        else:
-            converted[key] = value
-    converted = {key: value.contiguous() for key, value in converted.items()}
-
+    converted = dit_family_state_dict(source, patch, channels, parts, skip=lambda key: key == "pos_embed")
     check_keys_and_shapes(converted, meta_shapes(lambda: DiT(**config)), _not_a_dit)
     return converted, config
 

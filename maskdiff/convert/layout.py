@@ -43,3 +43,23 @@ def meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = build()
     return {key: value.shape for key, value in model.state_dict().items()}
+
+
+def dit_family_state_dict(
+    source: Mapping[str, torch.Tensor], patch_size: int, channels: int, parts: int, skip: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
+    """Official DiT-family weights (DiT, MDT) in maskdiff's layout: the conv patch embedding becomes a Linear over
+    tokens, the output rows become ``[part ‖ ...]`` token layout, keys for which ``skip(key)`` is true are dropped."""
+    converted = {}
+    for key, value in source.items():
+        if skip(key):
+            continue
+        if key == "x_embedder.proj.weight":
+            converted["x_embedder.weight"] = conv_patch_embed_to_linear(value)
+        elif key == "x_embedder.proj.bias":
+            converted["x_embedder.bias"] = value
+        elif key.startswith("final_layer.linear."):
+            converted[key] = tokens_major_output(value, patch_size * patch_size, parts, channels)
+        else:
+            converted[key] = value
+    return {key: value.contiguous() for key, value in converted.items()}

@@ -16,7 +16,7 @@ import torch
 
 from maskdiff.backbones.mdt import MDT, MDTv2, relative_position_index
 from maskdiff.convert.dit import unwrap_state_dict
-from maskdiff.convert.layout import check_keys_and_shapes, conv_patch_embed_to_linear, meta_shapes, tokens_major_output
+from maskdiff.convert.layout import check_keys_and_shapes, dit_family_state_dict, meta_shapes
 
 OFFICIAL_MDT_URL = "https://github.com/sail-sg/MDT"
 
@@ -79,21 +79,12 @@ def convert_mdt_state_dict(official: Mapping[str, torch.Tensor], decode_layer: i
     parts = 2 if config["learn_sigma"] else 1
     side = config["input_size"] // patch
     expected_index = relative_position_index(side)
-    converted = {}
     for key, value in source.items():
-        if key.endswith("rel_pos_bias.relative_position_index"):
-            if not torch.equal(value.long(), expected_index):
-                raise _not_an_mdt(f"{key} is not BEiT's relative position index for a {side}x{side} grid")
-            continue
-        if key == "x_embedder.proj.weight":
-            converted["x_embedder.weight"] = conv_patch_embed_to_linear(value)
-        elif key == "x_embedder.proj.bias":
-            converted["x_embedder.bias"] = value
-        elif key.startswith("final_layer.linear."):
-            converted[key] = tokens_major_output(value, patch * patch, parts, channels)
-        else:
-            converted[key] = value
-    converted = {key: value.contiguous() for key, value in converted.items()}
+        if key.endswith("rel_pos_bias.relative_position_index") and not torch.equal(value.long(), expected_index):
+            raise _not_an_mdt(f"{key} is not BEiT's relative position index for a {side}x{side} grid")
+    converted = dit_family_state_dict(
+        source, patch, channels, parts, skip=lambda key: key.endswith("rel_pos_bias.relative_position_index")
+    )
     check_keys_and_shapes(converted, meta_shapes(lambda: cls(**config)), _not_an_mdt)
     return converted, cls, config
 
