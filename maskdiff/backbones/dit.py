@@ -99,6 +99,24 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- model
+def build_dit_stem(model: Backbone, input_size: int, patch_size: int, in_channels: int, hidden_size: int, num_heads: int,
+                   class_dropout_prob: float, num_classes: int, learn_sigma: bool, label_embedding_std: float) -> None:
+    """Give a DiT-family ``model`` its patchifier, contract attributes, patch/time/label embedders and output head."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    model.patchifier = Patchifier(input_size, patch_size, in_channels)
+    model.num_classes = num_classes
+    model.learn_sigma = learn_sigma
+    model.output_parts = 2 if learn_sigma else 1
+    model.hidden_size = hidden_size
+    model.label_embedding_std = label_embedding_std
+    values = model.patchifier.values_per_patch
+    model.x_embedder = nn.Linear(values, hidden_size)
+    model.t_embedder = TimestepEmbedder(hidden_size)
+    model.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+    model.final_layer = FinalLayer(hidden_size, values * model.output_parts)
+
+
 class DiT(Backbone):
     """Class-conditional diffusion transformer with adaLN-Zero conditioning.
 
@@ -132,22 +150,10 @@ class DiT(Backbone):
         label_embedding_std: float = 0.02,
     ) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.patchifier = Patchifier(input_size, patch_size, in_channels)
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.output_parts = 2 if learn_sigma else 1
-        self.hidden_size = hidden_size
-        self.label_embedding_std = label_embedding_std
-        values = self.patchifier.values_per_patch
-
-        self.x_embedder = nn.Linear(values, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        build_dit_stem(self, input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
+                       num_classes, learn_sigma, label_embedding_std)
         self.register_buffer("pos_embed", torch.empty(1, self.patchifier.num_tokens, hidden_size), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, values * self.output_parts)
         self.initialize_weights()
 
     @torch.no_grad()

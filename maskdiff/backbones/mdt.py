@@ -21,14 +21,13 @@ from torch import nn
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.dit import (
     DIT_SIZES,
-    FinalLayer,
     adaln_condition,
+    build_dit_stem,
     init_dit_weights,
     modulate,
     tanh_gelu,
 )
-from maskdiff.backbones.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
-from maskdiff.backbones.patching import Patchifier
+from maskdiff.backbones.embeddings import sincos_2d
 from maskdiff.backbones.registry import register_backbone
 from maskdiff.corruption.masking import Masking, gather_tokens, restore_tokens
 
@@ -117,24 +116,13 @@ class _MaskedDiffusionTransformer(Backbone):
     def __init__(self, input_size, patch_size, in_channels, hidden_size, num_heads, mlp_ratio, class_dropout_prob,
                  num_classes, learn_sigma, label_embedding_std) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.patchifier = Patchifier(input_size, patch_size, in_channels)
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.output_parts = 2 if learn_sigma else 1
-        self.hidden_size = hidden_size
-        self.label_embedding_std = label_embedding_std
+        build_dit_stem(self, input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
+                       num_classes, learn_sigma, label_embedding_std)
         self.side = self.patchifier.grid[0]
-        values = self.patchifier.values_per_patch
-        self.x_embedder = nn.Linear(values, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patchifier.num_tokens, hidden_size))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.patchifier.num_tokens, hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.sideblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.side, mlp_ratio)])
-        self.final_layer = FinalLayer(hidden_size, values * self.output_parts)
 
     def all_blocks(self) -> list[MDTBlock]:
         raise NotImplementedError
