@@ -22,11 +22,11 @@ def digits_cache(tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """Run a test with one torch thread (small tensors: a second thread only adds contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Run a test with one torch thread (see :func:`tests.helpers.single_thread`)."""
+    from tests.helpers import single_thread
+
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

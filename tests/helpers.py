@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +35,14 @@ def config_in(tmp_path: Path, base: Path = DEBUG_CONFIG, grid: dict | None = Non
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, ckpt_dir
+
+
+@contextmanager
+def single_thread():
+    """Run with one torch thread (small tensors on a shared 2-core machine: a second thread only adds contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -8,12 +8,7 @@ from maskdiff.corruption import random_masking
 from maskdiff.corruption.masking import masking_from_noise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_param_count(d, depth, d_dec, depth_dec, p, c=3, tokens=196):

@@ -6,16 +6,12 @@ from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.callbacks.linear_probe import OnlineLinearProbe
 from maskdiff.data import DigitsDataModule
 from maskdiff.methods import DiT
+from tests.helpers import single_thread
 
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GradientRecorder(L.Callback):
@@ -45,13 +41,11 @@ def short_fit(tmp_path, probe: OnlineLinearProbe | None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_cache):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp_path = tmp_path_factory.mktemp("online_probe")
-    plain = short_fit(tmp_path / "plain", None)
-    probe = OnlineLinearProbe(lr=0.1)
-    probed = short_fit(tmp_path / "probed", probe)
-    torch.set_num_threads(threads)
+    with single_thread():
+        plain = short_fit(tmp_path / "plain", None)
+        probe = OnlineLinearProbe(lr=0.1)
+        probed = short_fit(tmp_path / "probed", probe)
     return plain, probed, probe
 
 

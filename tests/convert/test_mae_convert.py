@@ -38,12 +38,7 @@ NANO = {"input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 32, "
         "decoder_hidden_size": 16, "decoder_depth": 1, "decoder_num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- reference

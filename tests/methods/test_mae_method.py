@@ -9,28 +9,21 @@ from maskdiff.cli import main
 from maskdiff.corruption import TokenMasking
 from maskdiff.methods import MAE
 from maskdiff.objectives import MaskedReconstruction
-from tests.helpers import CONFIGS, config_in
+from tests.helpers import CONFIGS, config_in, single_thread
 
 MAE_DIGITS = CONFIGS / "mae" / "mae_digits.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, digits_cache):
     """60 steps of configs/mae/mae_digits.yaml, logging every 5 steps: ``(checkpoint dir, logged train losses)``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp_path = tmp_path_factory.mktemp("mae_digits")
     path, ckpt_dir = config_in(tmp_path, MAE_DIGITS)
-    main(["fit", "--config", str(path), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5"])
-    torch.set_num_threads(threads)
+    with single_thread():
+        main(["fit", "--config", str(path), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5"])
     rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
     return ckpt_dir, [float(row["train/loss"]) for row in rows if row.get("train/loss")]
 
