@@ -1,8 +1,8 @@
-"""Data layer: WebDataset shards, the embedded digits set and image DataModules."""
+"""Data layer: WebDataset shards, the embedded digits set and the shard DataModules."""
 
+from .base import ShardsDataModule
 from .digits import default_cache_dir, ensure_digits_shards, write_digits_shards
 from .images import DigitsDataModule, ImageShardsDataModule
-from .streams import EvalStream, ImageDecoder, ResampledTrainStream, eval_batch_plan
 from .shards import (
     SkipCounter,
     check_local_shards,
@@ -12,6 +12,7 @@ from .shards import (
     write_manifest,
     write_shards,
 )
+from .streams import EvalStream, ImageDecoder, ResampledTrainStream, eval_batch_plan
 
 __all__ = [
     "DigitsDataModule",
@@ -19,6 +20,7 @@ __all__ = [
     "ImageDecoder",
     "ImageShardsDataModule",
     "ResampledTrainStream",
+    "ShardsDataModule",
     "SkipCounter",
     "check_local_shards",
     "default_cache_dir",

@@ -1,6 +1,13 @@
 """Decoding and the two ways of reading shards: resampled training streams and exactly-once evaluation streams.
 
-Batches are ``(images, labels)``: images float32 ``(B, C, S, S)`` in [-1, 1], labels int64 ``(B,)``.
+The streams are generic over a *sample decoder*: any object with
+
+- ``decoder(sample: dict, rng: random.Random | None) -> (tensor, label)``: decode one webdataset sample;
+  ``rng`` is given for training (random augmentation drawn from it) and ``None`` for evaluation
+  (deterministic transform);
+- ``decoder.collate(list_of_pairs) -> (batch, labels (B,) int64)``, which must accept an empty list.
+
+:class:`ImageDecoder` is the image one: batches ``(images (B, C, S, S) float32 in [-1, 1], labels (B,))``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-
 log = logging.getLogger("maskdiff.data")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -32,12 +38,13 @@ class ImageDecoder:
     downscaling). The label is the integer in the ``cls`` member and must lie in ``[0, num_classes)``.
     """
 
-    def __init__(self, image_size: int, channels: int, num_classes: int):
+    def __init__(self, image_size: int, channels: int, num_classes: int, hflip: bool = False):
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
+        self.hflip = hflip
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[torch.Tensor, int]:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             members = sorted(k for k in sample if not k.startswith("__"))
@@ -52,7 +59,10 @@ class ImageDecoder:
         image = self._square(image)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
         pixels = pixels.unsqueeze(0) if self.channels == 1 else pixels.permute(2, 0, 1)
-        return pixels.float().div_(127.5).sub_(1.0).contiguous(), label
+        image = pixels.float().div_(127.5).sub_(1.0).contiguous()
+        if rng is not None and self.hflip and rng.random() < 0.5:
+            image = image.flip(-1)
+        return image, label
 
     def _square(self, image: Image.Image) -> Image.Image:
         width, height = image.size
@@ -99,8 +109,8 @@ class ResampledTrainStream(IterableDataset):
     """Endless stream of decoded ``(image (C, S, S), label)`` samples for training.
 
     Each rank and worker draws shards with replacement from all ``urls`` (no node/worker splitting),
-    reads them, shuffles raw samples in a ``shuffle_buffer``-sized buffer, then decodes and optionally
-    flips horizontally. The random generator is seeded from ``(seed, rank, worker id, epoch, local
+    reads them, shuffles raw samples in a ``shuffle_buffer``-sized buffer, then decodes them with a
+    seeded ``random.Random`` for the decoder's augmentation. The random generator is seeded from ``(seed, rank, worker id, epoch, local
     iteration count)``: ``epoch`` is set in the main process before each epoch; the local count keeps
     epochs distinct inside persistent workers (which hold the copy made when they started).
     """
@@ -108,12 +118,11 @@ class ResampledTrainStream(IterableDataset):
     def __init__(
         self,
         urls: Sequence[str],
-        decoder: ImageDecoder,
+        decoder: Callable,
         handler: Callable[[BaseException], bool],
         seed: int,
         rank: int = 0,
         shuffle_buffer: int = 1000,
-        hflip: bool = False,
         max_error_streak: int = 1000,
     ):
         super().__init__()
@@ -123,7 +132,6 @@ class ResampledTrainStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.shuffle_buffer = shuffle_buffer
-        self.hflip = hflip
         self.max_error_streak = max_error_streak
         self.epoch = 0
         self._iterations = 0
@@ -133,7 +141,7 @@ class ResampledTrainStream(IterableDataset):
         self._iterations += 1
         worker_id = worker.id if worker else 0
         rng = random.Random(wds.utils.make_seed(self.seed, self.rank, worker_id, self.epoch, self._iterations))
-        shard_rng, shuffle_rng, flip_rng = (random.Random(rng.getrandbits(64)) for _ in range(3))
+        shard_rng, shuffle_rng, augment_rng = (random.Random(rng.getrandbits(64)) for _ in range(3))
         handler = _ErrorStreak(self.handler, self.max_error_streak)
         shards = (dict(url=shard_rng.choice(self.urls)) for _ in itertools.count())
         samples = wds.tarfile_to_samples(handler=handler)(shards)
@@ -141,15 +149,13 @@ class ResampledTrainStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(samples)
         for sample in samples:
             try:
-                image, label = self.decoder(sample)
+                decoded = self.decoder(sample, augment_rng)
             except Exception as exn:
                 if handler(exn):
                     continue
                 return
             handler.streak = 0
-            if self.hflip and flip_rng.random() < 0.5:
-                image = image.flip(-1)
-            yield image, label
+            yield decoded
 
 
 def eval_batch_plan(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[tuple[int, int]]:
@@ -183,7 +189,7 @@ def eval_batch_plan(num_samples: int, world_size: int, rank: int, batch_size: in
 
 
 class EvalStream(IterableDataset):
-    """This rank's evaluation batches ``(images (b, C, S, S), labels (b,))``, each sample read once.
+    """This rank's evaluation batches (``decoder.collate`` of b samples), each sample read once.
 
     Samples are numbered globally in shard order (shards in pattern order, samples in tar order);
     :func:`eval_batch_plan` assigns each rank a contiguous range cut into a fixed number of batches,
@@ -205,7 +211,7 @@ class EvalStream(IterableDataset):
         rank: int,
         world_size: int,
         batch_size: int,
-        decoder: ImageDecoder,
+        decoder: Callable,
         handler: Callable[[BaseException], bool],
     ):
         super().__init__()
@@ -249,7 +255,7 @@ class EvalStream(IterableDataset):
                 if index < start:
                     continue
                 try:
-                    current.append(self.decoder(sample))
+                    current.append(self.decoder(sample, None))
                 except Exception as exn:
                     if not self.handler(exn):
                         return

@@ -232,10 +232,6 @@ def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
     return parser.instantiate_classes(parser.parse_object({"data": section})).data
 
 
-def _identity(batch):
-    return batch
-
-
 def train_split_batches(datamodule: L.LightningDataModule) -> Iterable[Any]:
     """The training split read once, without augmentation: batches ``(images, labels)``.
 
@@ -244,36 +240,14 @@ def train_split_batches(datamodule: L.LightningDataModule) -> Iterable[Any]:
     ``train_samples_per_epoch`` when the shards have no manifest). Any other data module gives one epoch of its
     ``train_dataloader()`` (exactly once if its loader is a plain map-style loader without ``drop_last``).
     """
-    from maskdiff.data import (
-        EvalStream,
-        ImageDecoder,
-        ImageShardsDataModule,
-        SkipCounter,
-        expand_urls,
-        lookup_shard_counts,
-    )
+    from maskdiff.data import ShardsDataModule
 
-    if not isinstance(datamodule, ImageShardsDataModule):
+    if not isinstance(datamodule, ShardsDataModule):
         loader = datamodule.train_dataloader()
         log.warning("%s: features of one epoch of train_dataloader() (%s batches); exact-once only if that loader is",
                     type(datamodule).__name__, len(loader) if hasattr(loader, "__len__") else "?")
         return loader
-    import webdataset as wds
-
-    urls = expand_urls(datamodule.train_shards)
-    counts = lookup_shard_counts(urls)
-    total = sum(counts) if counts is not None else datamodule.train_samples_per_epoch
-    if total is None:
-        raise ValueError(f"cannot tell how many samples {datamodule.train_shards!r} holds: no manifest.json lists its shards "
-                         "and train_samples_per_epoch is not set")
-    stream = EvalStream(
-        urls, counts, total, rank=0, world_size=1,
-        batch_size=datamodule.val_batch_size or datamodule.batch_size,
-        decoder=ImageDecoder(datamodule.image_size, datamodule.channels, datamodule.num_classes),
-        handler=SkipCounter(datamodule.max_errors, name="probe-train"),
-    )
-    workers = min(datamodule.num_workers, len(stream))
-    return wds.WebLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity)
+    return datamodule.train_split_once()
 
 
 def data_identity(datamodule: L.LightningDataModule) -> dict[str, Any]:
