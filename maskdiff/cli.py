@@ -4,6 +4,7 @@
     maskdiff fit --config configs/quickstart.yaml --print_config
     maskdiff sample --ckpt runs/quickstart/checkpoints/last.ckpt --out grid.png --sampler ddim --steps 50
     maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt
+    maskdiff shards digits data/digits
     maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
 """
 
@@ -115,18 +116,18 @@ def sample(
 TOOLS = {"sample": (sample, False), "probe": (probe, False)}
 
 
-def _register_convert() -> None:
-    try:
-        from maskdiff.convert.cli import CONVERTERS
-    except ImportError:
-        return
+def _register_subcommand_tools() -> None:
+    from maskdiff.convert.cli import CONVERTERS
+    from maskdiff.data.cli import SHARD_WRITERS
+
     TOOLS["convert"] = (CONVERTERS, True)
+    TOOLS["shards"] = (SHARD_WRITERS, True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``maskdiff`` console script; ``argv`` defaults to ``sys.argv[1:]``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _register_convert()
+    _register_subcommand_tools()
     if args and args[0] in TOOLS:
         component, positional = TOOLS[args[0]]
         CLI({args[0]: component}, args=args, as_positional=positional)
