@@ -59,3 +59,28 @@ def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[s
         path,
     )
     return path
+
+
+def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: bool = True) -> list[str]:
+    """Copy the backbone weights of a maskdiff checkpoint into ``backbone`` (to start a fine-tune from a pre-training).
+
+    The checkpoint's EMA backbone is used when ``use_ema`` and it has one, else its raw backbone. Parameters the
+    checkpoint lacks keep their initialisation and are returned by name (e.g. a label embedder added for a
+    class-conditional fine-tune of an unconditional pre-training). A tensor whose shape differs, or a checkpoint
+    tensor the backbone has no place for, is an error naming it: the two architectures must otherwise match.
+    """
+    path = require_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    prefix = "ema_backbone." if use_ema and any(k.startswith("ema_backbone.") for k in state) else "backbone."
+    weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{path} holds no backbone weights (no keys starting with {prefix!r})")
+    own = backbone.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    if unexpected or mismatched:
+        raise ValueError(f"{path} does not fit this backbone: unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}")
+    backbone.load_state_dict(weights, strict=False)
+    return sorted(set(own) - set(weights))

@@ -6,5 +6,6 @@ from maskdiff.backbones.mae import MAE
 from maskdiff.backbones.mdt import MDT, MDTBlock, MDTv2
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.backbones.registry import create_backbone, list_backbones, register_backbone
+from maskdiff.backbones.umd import UMD
 
-__all__ = ["Backbone", "DiT", "DiTBlock", "MAE", "MDT", "MDTBlock", "MDTv2", "Patchifier", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["Backbone", "DiT", "DiTBlock", "MAE", "MDT", "MDTBlock", "MDTv2", "Patchifier", "UMD", "create_backbone", "list_backbones", "register_backbone"]

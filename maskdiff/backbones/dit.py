@@ -68,13 +68,16 @@ def init_dit_weights(model: nn.Module, blocks: list[nn.Module], final_layer: "Fi
 
 # ---------------------------------------------------------------------------------------------- blocks
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block: ``(B, N, D), c (B, D) -> (B, N, D)``."""
+    """adaLN-Zero transformer block: ``(B, N, D), c (B, D) -> (B, N, D)``.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    ``norm_affine``: LayerNorms with their own scale and bias (UMD's blocks) besides the adaLN modulation (DiT: off).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_affine: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=tanh_gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 

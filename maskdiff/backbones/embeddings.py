@@ -38,10 +38,17 @@ def sincos_3d(dim: int, grid: tuple[int, int, int], temporal_fraction: float = 0
 
 
 # ---------------------------------------------------------------------------------------------- timesteps
-def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0, cos_first: bool = True) -> torch.Tensor:
-    """``(B,)`` (possibly fractional) timesteps -> ``(B, dim)`` sinusoids; DiT/MDT put cos first, UMD sin first."""
+def timestep_frequencies(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, cos_first: bool = True, divisor_shift: int = 0
+) -> torch.Tensor:
+    """``(B,)`` (possibly fractional) timesteps -> ``(B, dim)`` sinusoids; DiT/MDT put cos first, UMD sin first.
+
+    Frequencies are ``exp(-log(max_period) · i / (dim//2 - divisor_shift))``: DiT divides by ``dim//2``, UMD's
+    tensor2tensor-style embedding by ``dim//2 - 1`` (its lowest frequency is exactly ``1 / max_period``).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    divisor = max(half - divisor_shift, 1)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / divisor)
     args = t[:, None].float() * freqs[None]
     parts = [torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)]
     embedding = torch.cat(parts, dim=-1)

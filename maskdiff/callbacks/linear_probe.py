@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
-from maskdiff.evaluation.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.evaluation.features import FeatureSpec, backbone_features, default_pooling, resolve_spec
 from maskdiff.evaluation.linear_probe import linear_head
 
 
@@ -30,7 +30,8 @@ class OnlineLinearProbe(L.Callback):
     ``maskdiff probe`` ones: the head chases a moving backbone and sees each batch once per epoch.
 
     Args:
-        pooling: ``cls`` or ``mean``; default ``cls`` when the backbone has a cls token, else ``mean``.
+        pooling: ``cls``, ``mean`` or ``prefix_mean``; default: the backbone's ``default_pooling`` (UMD: the mean of its
+            registers), else ``cls`` when it has a cls token, else ``mean``.
         depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
         timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
         lr: the head's SGD learning rate (constant).
@@ -41,7 +42,7 @@ class OnlineLinearProbe(L.Callback):
 
     def __init__(
         self,
-        pooling: Literal["cls", "mean"] | None = None,
+        pooling: Literal["cls", "mean", "prefix_mean"] | None = None,
         depth: int | None = None,
         timestep: int | None = None,
         lr: float = 0.1,
@@ -83,7 +84,7 @@ class OnlineLinearProbe(L.Callback):
             if self.num_classes is None:
                 raise ValueError("OnlineLinearProbe: the data module has no num_classes; set num_classes on the callback")
         backbone = pl_module.backbone
-        pooling = self.pooling or ("cls" if getattr(backbone, "num_prefix_tokens", 0) >= 1 else "mean")
+        pooling = self.pooling or default_pooling(backbone)
         self.spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False))
         top5 = min(5, self.num_classes)
         self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")

@@ -28,6 +28,8 @@ class Corrupted:
         schedule: the noise schedule that produced ``tokens`` (objectives read ᾱ_t from it).
         weight: weight of this view's loss in the step total.
         name: short label used in logged loss names (e.g. ``full``, ``masked``).
+        conditional: whether class labels reach the backbone for this view (UMD's noise-free view: no, it runs
+            with the null class).
     """
 
     tokens: torch.Tensor
@@ -40,6 +42,7 @@ class Corrupted:
     schedule: NoiseSchedule | None = None
     weight: float = 1.0
     name: str = ""
+    conditional: bool = True
 
     @property
     def noise_free(self) -> bool:

@@ -123,3 +123,84 @@ class MaskedNoise(GaussianNoise):
         masked = self.noised(clean, t, name="masked")
         masked.masking = random_masking(clean.shape[0], math.prod(grid), self.draw_ratio(), device=clean.device)
         return [self.noised(clean, t, name="full"), masked] if self.full_pass else [masked]
+
+
+class UnifiedMaskedNoise(GaussianNoise):
+    """UMD's corruption: a deterministic batch split into a noised view and a noise-free, high-mask view.
+
+    With ``B`` rows and ``n_clean = int(B · no_noise_prob)``:
+
+    * ``noised``: rows ``[0, B - n_clean)``, ``t ~ U{0..T-1}``, ``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε``, the backbone is
+      conditioned on ``t + 1`` (so 0 means "no noise"), ``mask_ratio`` of the tokens hidden, weight ``1 - n_clean/B``;
+    * ``clean``: rows ``[B - n_clean, B)``, the clean tokens, timestep 0, ``clean_mask_ratio`` hidden, no labels (the
+      null class), weight ``n_clean/B``.
+
+    A ratio of 0 gives that view no masking; views with no rows are left out. UMD: ``no_noise_prob=0.5``,
+    ``clean_mask_ratio=0.75``, ``mask_ratio=0.375``, cosine schedule in pixel space (linear for latents).
+    Baselines by configuration: DiT-like ``no_noise_prob=0, mask_ratio=0``; MaskDiT-like ``no_noise_prob=0,
+    mask_ratio=0.5``; MAE-like ``no_noise_prob=1``.
+
+    Args:
+        no_noise_prob: share r of each batch in the noise-free view (the paper's ``r_{t=0}``).
+        clean_mask_ratio: tokens hidden in the noise-free view.
+        mask_ratio: tokens hidden in the noised view.
+        schedule, num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+    """
+
+    model_time_offset = 1
+
+    def __init__(
+        self,
+        no_noise_prob: float = 0.5,
+        clean_mask_ratio: float = 0.75,
+        mask_ratio: float = 0.375,
+        schedule: ScheduleName = "cosine",
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rho: float = 0.8,
+        cosine_s: float = 0.008,
+    ) -> None:
+        super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        if not 0.0 <= no_noise_prob <= 1.0:
+            raise ValueError(f"no_noise_prob {no_noise_prob} is outside [0, 1]")
+        for name, ratio in (("clean_mask_ratio", clean_mask_ratio), ("mask_ratio", mask_ratio)):
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"{name} {ratio} is outside [0, 1); expected the share of tokens to hide")
+        self.no_noise_prob = no_noise_prob
+        self.clean_mask_ratio = clean_mask_ratio
+        self.mask_ratio = mask_ratio
+
+    def split(self, batch: int) -> int:
+        """Rows in the noised view (the first ones); the rest are noise-free."""
+        return batch - int(batch * self.no_noise_prob)
+
+    def _masking(self, batch: int, grid: tuple[int, ...], ratio: float, device):
+        return random_masking(batch, math.prod(grid), ratio, device=device) if ratio > 0 else None
+
+    def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
+        batch = clean.shape[0]
+        n_noise = self.split(batch)
+        views = []
+        if n_noise > 0:
+            rows = slice(0, n_noise)
+            noised = self.noised(clean[rows], self.sample_t(n_noise, clean.device), name="noised")
+            noised.rows = rows
+            noised.model_t = noised.t.to(clean.dtype) + self.model_time_offset
+            noised.masking = self._masking(n_noise, grid, self.mask_ratio, clean.device)
+            noised.weight = n_noise / batch
+            views.append(noised)
+        if n_noise < batch:
+            rows = slice(n_noise, batch)
+            views.append(Corrupted(
+                tokens=clean[rows],
+                clean=clean[rows],
+                rows=rows,
+                model_t=torch.zeros(batch - n_noise, dtype=clean.dtype, device=clean.device),
+                masking=self._masking(batch - n_noise, grid, self.clean_mask_ratio, clean.device),
+                schedule=self.schedule,
+                weight=(batch - n_noise) / batch,
+                name="clean",
+                conditional=False,
+            ))
+        return views

@@ -22,7 +22,7 @@ from maskdiff.backbones.base import Backbone
 
 log = logging.getLogger("maskdiff.evaluation")
 
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "prefix_mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
@@ -32,7 +32,7 @@ class FeatureSpec:
 
     Args:
         pooling: ``cls``: the first prefix token (needs ``num_prefix_tokens >= 1``); ``mean``: the mean of the
-            patch tokens, prefix tokens excluded.
+            patch tokens, prefix tokens excluded; ``prefix_mean``: the mean of the prefix tokens (UMD's registers).
         depth: run the first ``depth`` encoder blocks (0..``num_blocks``; no final norm); ``None``: all blocks and
             the encoder's final norm if it has one (MAE's linear-probe features).
         timestep: the timestep a time-conditioned backbone is conditioned on (``None``: 0, logged); must be
@@ -77,8 +77,8 @@ def resolve_spec(backbone: Backbone, spec: FeatureSpec) -> FeatureSpec:
     """``spec`` checked against ``backbone``, with ``timestep=None`` resolved to 0 for time-conditioned backbones."""
     prefix = getattr(backbone, "num_prefix_tokens", 0)
     name = type(backbone).__name__
-    if spec.pooling == "cls" and prefix < 1:
-        raise ValueError(f"pooling 'cls' needs a cls/prefix token, but {name} has num_prefix_tokens={prefix}; use pooling 'mean'")
+    if spec.pooling in ("cls", "prefix_mean") and prefix < 1:
+        raise ValueError(f"pooling '{spec.pooling}' needs a cls/prefix token, but {name} has num_prefix_tokens={prefix}; use pooling 'mean'")
     if spec.depth is not None and spec.depth > backbone.num_blocks:
         raise ValueError(
             f"depth {spec.depth} is out of range; {name} has encoder blocks 0..{backbone.num_blocks} "
@@ -93,10 +93,21 @@ def resolve_spec(backbone: Backbone, spec: FeatureSpec) -> FeatureSpec:
     return spec
 
 
+def default_pooling(backbone: nn.Module) -> Pooling:
+    """The backbone's own ``default_pooling`` (UMD: ``prefix_mean``), else ``cls`` with a prefix token, else ``mean``."""
+    own = getattr(backbone, "default_pooling", None)
+    if own is not None:
+        return own
+    return "cls" if getattr(backbone, "num_prefix_tokens", 0) >= 1 else "mean"
+
+
 def pool_tokens(features: torch.Tensor, pooling: Pooling, num_prefix_tokens: int) -> torch.Tensor:
-    """``(B, num_prefix_tokens + N, D)`` -> ``(B, D)``: the first token (``cls``) or the mean of the N patch tokens."""
+    """``(B, num_prefix_tokens + N, D)`` -> ``(B, D)``: the first token (``cls``), the mean of the prefix tokens
+    (``prefix_mean``) or the mean of the N patch tokens (``mean``)."""
     if pooling == "cls":
         return features[:, 0]
+    if pooling == "prefix_mean":
+        return features[:, :num_prefix_tokens].mean(dim=1)
     return features[:, num_prefix_tokens:].mean(dim=1)
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from maskdiff.evaluation.features import (
     FeatureSpec,
+    default_pooling,
     extract_dataset_features,
     resolve_backbone,
     resolve_spec,
@@ -213,6 +214,40 @@ def run_linear_probe(
 
 
 # ---------------------------------------------------------------------------------------------- data
+def few_shot_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    shots: int,
+    l2_reg: float = 1024.0,
+    seed: int = 0,
+) -> float:
+    """UMD's few-shot probe (big_vision ``fewshot_lsr``): closed-form ridge regression onto ±1 one-hot targets.
+
+    ``shots`` training examples per class are drawn with ``seed``; features ``(M, D)`` are centred and scaled by the
+    few-shot set's mean and norm; the weights are ``(XᵀX + l2_reg·I)⁻¹ Xᵀ Y``. Returns top-1 accuracy on the
+    validation features. Raises ``ValueError`` when a class has fewer than ``shots`` examples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.unique(train_labels)
+    chosen = []
+    for label in classes.tolist():
+        members = torch.nonzero(train_labels == label).flatten()
+        if len(members) < shots:
+            raise ValueError(f"class {label} has {len(members)} training examples, fewer than shots={shots}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    index = torch.cat(chosen)
+    x = train_features[index].double()
+    mean = x.mean(dim=0, keepdim=True)
+    scale = (x - mean).norm(dim=1).mean().clamp_min(1e-12)
+    x = (x - mean) / scale
+    targets = 2 * torch.nn.functional.one_hot(torch.searchsorted(classes, train_labels[index]), len(classes)).double() - 1
+    weights = torch.linalg.solve(x.T @ x + l2_reg * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
+    predictions = classes[(((val_features.double() - mean) / scale) @ weights).argmax(dim=1)]
+    return float((predictions == val_labels).double().mean())
+
+
 def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
     """A data module, or one built from a YAML file: its ``data:`` section (a ``maskdiff fit`` config) or the whole
     file when it is itself ``class_path`` + ``init_args``."""
@@ -309,7 +344,7 @@ def format_table(result: dict[str, Any]) -> str:
 def probe(
     ckpt: str,
     data: L.LightningDataModule | str,
-    pooling: Literal["cls", "mean"] | None = None,
+    pooling: Literal["cls", "mean", "prefix_mean"] | None = None,
     depth: int | None = None,
     timestep: int | None = None,
     weights: Literal["ema", "raw"] = "ema",
@@ -331,8 +366,8 @@ def probe(
         data: the labelled data: a config YAML whose ``data:`` section is used (e.g. ``configs/quickstart.yaml``), or
             ``--data.class_path ... --data.init_args.NAME VALUE``. The training split is read once, un-augmented;
             the held-out split is ``val_dataloader()``.
-        pooling: ``cls`` (first prefix token; MAE's default) or ``mean`` (patch tokens); default ``cls`` when the
-            backbone has a cls token, else ``mean``.
+        pooling: ``cls`` (first prefix token; MAE's default), ``mean`` (patch tokens) or ``prefix_mean`` (UMD's
+            registers); default: the backbone's ``default_pooling``, else ``cls`` with a cls token, else ``mean``.
         depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
         timestep: timestep of a time-conditioned backbone (DiT, MDT); default 0; must be unset for MAE.
         weights: ``ema`` or ``raw`` backbone weights (``ema`` falls back to raw when the method keeps no EMA).
@@ -356,7 +391,7 @@ def probe(
         print(f"note: {ckpt} has no EMA weights; probing the raw weights", file=sys.stderr)
     backbone = resolve_backbone(module, use_ema)
     if pooling is None:
-        pooling = "cls" if getattr(backbone, "num_prefix_tokens", 0) >= 1 else "mean"
+        pooling = default_pooling(backbone)
     spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=depth, timestep=timestep, use_ema=use_ema))
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs {warmup_epochs} must lie in 0..epochs ({epochs})")

@@ -5,5 +5,6 @@ from maskdiff.methods.dit import DiT
 from maskdiff.methods.finetune import FineTune
 from maskdiff.methods.mae import MAE
 from maskdiff.methods.mdt import MDT
+from maskdiff.methods.umd import UMD
 
-__all__ = ["DiT", "FineTune", "MAE", "MDT", "MaskDiffModule"]
+__all__ = ["DiT", "FineTune", "MAE", "MDT", "MaskDiffModule", "UMD"]

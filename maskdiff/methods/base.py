@@ -111,7 +111,7 @@ class MaskDiffModule(L.LightningModule):
 
     def view_loss(self, view: Corrupted, labels: torch.Tensor | None) -> ObjectiveOutput:
         """Run the backbone on one corrupted view and score it; override to change how a view is trained."""
-        y = None if labels is None else labels[view.rows]
+        y = None if labels is None or not view.conditional else labels[view.rows]
         prediction = self.backbone(view.tokens, view.model_t, y, view.masking)
         return self.objective(prediction, view)
 
@@ -196,6 +196,8 @@ class MaskDiffModule(L.LightningModule):
             learn_sigma=self.objective.output_parts == 2 and getattr(self.objective, "learn_sigma", False),
             guidance=guidance if guidance is not None else self.guidance,
             clip_x0=self.clip_x0,
+            prediction_part=getattr(self.objective, "prediction_part", 0),
+            time_offset=getattr(self.corruption, "model_time_offset", 0),
         )
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 import csv
+import re
 import subprocess
 import sys
 
@@ -23,8 +24,14 @@ def debug_fit(tmp_path, *extra):
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_parses_through_the_cli(config, capsys):
+    configs = [str(config)]
+    first_line = config.read_text().splitlines()[0]
+    if first_line.startswith("# overlay:"):  # applied on top of the base config its usage line names
+        base = re.search(r"--config (\S+) --config", config.read_text())
+        assert base, f"{config} is an overlay but names no base config in a usage line"
+        configs = [str(ROOT / base.group(1)), str(config)]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *[arg for path in configs for arg in ("--config", path)], "--print_config"])
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
