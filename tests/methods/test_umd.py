@@ -216,3 +216,35 @@ def test_invalid_settings_name_the_value():
         DualPredictionLoss(sample_with="v")
     with pytest.raises(ValueError, match="init_weights 'best'"):
         UMD(backbone=nano_umd(), init_weights="best")
+
+
+@pytest.mark.slow
+def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path, digits_cache):
+    """configs/umd: pre-train (loss falls, online register probe logged), fine-tune from it, sample from the result."""
+    import csv
+
+    from maskdiff.checkpoints import load_method
+    from maskdiff.cli import main
+    from tests.helpers import CONFIGS, FAST_GRID, config_in, single_thread
+
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    pre_dir.mkdir(), ft_dir.mkdir()
+    config, ckpt_dir = config_in(pre_dir, CONFIGS / "umd" / "umd_digits.yaml")
+    with single_thread():
+        main(["fit", "--config", str(config), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5",
+              "--trainer.check_val_every_n_epoch", "2"])
+    rows = list(csv.DictReader(next((pre_dir / "logs").rglob("metrics.csv")).open()))
+    losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    probe = [float(row["probe/top1"]) for row in rows if row.get("probe/top1")]
+    assert probe and probe[-1] > 0.15  # chance is 0.1 (300 held-out digits: 0.15 is 3 standard errors above it)
+    pretrained = ckpt_dir / "last.ckpt"
+
+    config, ft_ckpt_dir = config_in(ft_dir, CONFIGS / "umd" / "umd_finetune_digits.yaml", grid=FAST_GRID)
+    with single_thread():
+        main(["fit", "--config", str(config), "--trainer.max_steps", "6", "--model.init_args.init_from", str(pretrained)])
+    pretrained.unlink()  # the fine-tuned checkpoint must not need its initialisation file any more
+    module = load_method(ft_ckpt_dir / "last.ckpt")
+    assert module.backbone.num_classes == 10 and module.ema_backbone is not None
+    images = module.generate(torch.tensor([3, 7]), steps=3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
