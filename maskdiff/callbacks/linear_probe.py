@@ -18,7 +18,7 @@ class OnlineLinearProbe(L.Callback):
     """Trains ``BatchNorm1d(affine=False) + Linear`` on the live backbone's features and logs held-out accuracy.
 
     Every ``every_n_steps``-th training batch, the callback runs its own forward of the live (raw) backbone in eval
-    mode under ``torch.no_grad()`` and a forked RNG on the batch's clean images (``to_tokens``, the same
+    mode under ``torch.no_grad()`` and a forked RNG on the batch's clean inputs (``batch_tokens``, the same
     :class:`~maskdiff.evaluation.FeatureSpec` as ``maskdiff probe``), then steps its head with its own SGD
     (momentum 0.9). The method's gradients, optimizer state, EMA and random stream are left as they were; the head
     lives outside the LightningModule (not in its state dict, EMA or DDP wrapper). Under DDP the head's gradients and
@@ -77,8 +77,8 @@ class OnlineLinearProbe(L.Callback):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "backbone") or not hasattr(pl_module, "to_tokens"):
-            raise TypeError(f"OnlineLinearProbe needs a maskdiff method (backbone + to_tokens), got {type(pl_module).__name__}")
+        if not hasattr(pl_module, "backbone") or not hasattr(pl_module, "batch_tokens"):
+            raise TypeError(f"OnlineLinearProbe needs a maskdiff method (backbone + batch_tokens), got {type(pl_module).__name__}")
         if self.num_classes is None:
             self.num_classes = getattr(trainer.datamodule, "num_classes", None) if trainer.datamodule is not None else None
             if self.num_classes is None:
@@ -117,7 +117,7 @@ class OnlineLinearProbe(L.Callback):
         with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             backbone.eval()
             try:
-                return backbone_features(backbone, pl_module.to_tokens(images), self.spec).float()
+                return backbone_features(backbone, pl_module.batch_tokens(images), self.spec).float()
             finally:
                 backbone.train(was_training)
 

@@ -35,10 +35,15 @@ class ShardsDataModule(L.LightningDataModule):
     Validation, test and predict read ``val_shards`` once (:class:`EvalStream`): every sample exactly
     once over all ranks and workers, and the same number of batches on every rank.
 
-    ``skipped`` counts samples skipped because they failed to read or decode (see
-    :class:`~maskdiff.data.shards.SkipCounter`). With ``num_workers > 0`` the total is shared
-    across worker processes; the per-reason ``skip_reasons`` only sees skips made in the main
-    process (``num_workers=0``); workers log their first skips as warnings on ``maskdiff.data``.
+    ``samples_read`` counts samples decoded and ``skipped`` samples (or shards) skipped because they
+    failed to read or decode, with their ``skip_reasons`` (see :class:`~maskdiff.data.shards.SkipCounter`);
+    with ``num_workers > 0`` they are shared across worker processes, and workers log their first
+    skips as warnings on ``maskdiff.data``. :class:`~maskdiff.callbacks.DataHealth` logs them.
+
+    ``setup`` checks the shard patterns before any data is read: a pattern expanding to nothing or a
+    missing local shard raises, naming it; fewer training shards than ranks x workers is a warning
+    (training resamples shards, so readers then repeat shards within an epoch). Remote URLs are not
+    checked.
 
     Checkpoints store ``seed`` and ``epochs_seen``. Streaming is resampled, so resuming does not
     replay the interrupted epoch's remaining samples: it starts a fresh epoch whose seed is derived
@@ -87,8 +92,13 @@ class ShardsDataModule(L.LightningDataModule):
         return sum(counter.skipped for counter in self._counters.values())
 
     @property
+    def samples_read(self) -> int:
+        """Samples decoded so far (train and evaluation; cumulative since construction)."""
+        return sum(counter.read for counter in self._counters.values())
+
+    @property
     def skip_reasons(self) -> collections.Counter:
-        """Reasons of skips made in this process, ``"ExceptionType: message" -> count``."""
+        """Reasons of skips (of all workers), ``"ExceptionType: message" -> count``."""
         return sum((counter.reasons for counter in self._counters.values()), collections.Counter())
 
     def _check_config(self) -> None:
@@ -125,6 +135,13 @@ class ShardsDataModule(L.LightningDataModule):
         rank, world_size = self._distributed_info()
         if stage in (None, "fit"):
             self._train_urls = self._resolve_shards(self.train_shards, "train_shards")
+            readers = world_size * max(self.num_workers, 1)
+            if rank == 0 and len(self._train_urls) < readers:
+                log.warning(
+                    "%d training shards for %d readers (%d ranks x %d workers): training resamples shards, so this "
+                    "works, but readers read the same shards; write at least %d shards for better mixing",
+                    len(self._train_urls), readers, world_size, max(self.num_workers, 1), readers,
+                )
             self._train_total = self.train_samples_per_epoch
             if self._train_total is None:
                 counts = lookup_shard_counts(self._train_urls)

@@ -1,11 +1,19 @@
 """``maskdiff shards <kind> ... OUT``: write WebDataset shard sets (plus ``manifest.json``) that the DataModules stream.
 
     maskdiff shards digits data/digits
+    maskdiff shards images /data/imagenet/train /data/in1k-shards --prefix imagenet-train --shuffle_seed 0
+    maskdiff shards moving-digits data/moving-digits --format frames
+    maskdiff shards videos /data/kinetics400/train /data/k400-shards --split train --prefix k400
+    maskdiff shards latents '/data/in1k/imagenet-train-{000000..001281}.tar' /data/in1k-latents --vae /models/sd-vae-ft-ema
 """
 
 from __future__ import annotations
 
 from maskdiff.data.digits import write_digits_shards
+from maskdiff.data.image_writer import images_cli
+from maskdiff.data.latents import latents_cli
+from maskdiff.data.moving_digits import moving_digits_cli
+from maskdiff.data.video_writer import videos_cli
 
 
 def digits(out: str, samples_per_shard: int = 500, val_fraction: float = 1 / 6, seed: int = 0) -> dict:
@@ -23,4 +31,4 @@ def digits(out: str, samples_per_shard: int = 500, val_fraction: float = 1 / 6, 
     return manifest
 
 
-SHARD_WRITERS = {"digits": digits}
+SHARD_WRITERS = {"digits": digits, "images": images_cli, "moving-digits": moving_digits_cli, "videos": videos_cli, "latents": latents_cli}

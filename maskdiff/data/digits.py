@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shards import MANIFEST_NAME, read_manifest, write_manifest, write_shards
+from .shards import (
+    MANIFEST_NAME,
+    brace_pattern,
+    read_manifest,
+    write_manifest,
+    write_shards,
+)
 
 DIGITS_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -26,12 +32,6 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _brace_pattern(prefix: str, num_shards: int) -> str:
-    if num_shards == 1:
-        return f"{prefix}-000000.tar"
-    return f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar"
 
 
 def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -82,7 +82,7 @@ def write_digits_shards(
         samples = [{"__key__": f"{i:04d}", "png": _png_bytes(pixels[i]), "cls": int(labels[i])} for i in indices]
         shards = write_shards(samples, str(out_dir / f"digits-{split}-%06d.tar"), samples_per_shard, progress=progress)
         manifest["splits"][split] = {
-            "pattern": _brace_pattern(f"digits-{split}", len(shards)),
+            "pattern": brace_pattern(f"digits-{split}", len(shards)),
             "samples": len(samples),
             "shards": [{"path": os.path.basename(s["path"]), "samples": s["samples"]} for s in shards],
         }

@@ -7,16 +7,24 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
+
+import torch
 
 from .base import ShardsDataModule
 from .digits import ensure_digits_shards
 from .streams import ImageDecoder
+from .transforms import to_signed_float
 
 log = logging.getLogger("maskdiff.data")
 
 
 class ImageShardsDataModule(ShardsDataModule):
     """Images with class labels from WebDataset tar shards (members ``png/jpg/jpeg/webp`` + ``cls``).
+
+    Write such shards from an image folder or a file list with ``maskdiff shards images SRC OUT``
+    (:func:`~maskdiff.data.image_writer.write_image_shards`), which also writes the ``manifest.json``
+    holding the sample counts.
 
     Batches are ``(images, labels)``: images float32 ``(B, C, image_size, image_size)`` in [-1, 1],
     labels int64 ``(B,)``. Streaming, epochs, evaluation and resume: see :class:`ShardsDataModule`.
@@ -25,7 +33,7 @@ class ImageShardsDataModule(ShardsDataModule):
         train_shards: brace pattern of training shards, e.g. ``/data/in1k-train-{000000..000639}.tar``
             (``::`` joins several; ``pipe:``/``http(s)://``/``s3://``/``gs://`` URLs are not checked).
         val_shards: brace pattern of validation shards (also used for test and predict), or ``None``.
-        image_size: side S of the square output images; stored images of another size are resized.
+        image_size: side S of the square output images.
         channels: 1 (grayscale) or 3 (RGB).
         num_classes: labels must lie in ``[0, num_classes)``; others are skipped as errors.
         batch_size: training batch size per rank.
@@ -38,6 +46,21 @@ class ImageShardsDataModule(ShardsDataModule):
         hflip: random horizontal flips in training (never for digits or text).
         seed: base seed of the training stream.
         max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        crop: ``"center"`` (largest centred square, bilinear resize), ``"adm_center"`` (guided-diffusion's
+            ``center_crop_arr``, for DiT/MDT) or ``"random_resized"`` (MAE's RandomResizedCrop in training,
+            resize + centre crop in evaluation); see :class:`~maskdiff.data.streams.ImageDecoder`.
+        labelled: ``False`` reads shards without ``cls`` members (label -1); ``True`` skips such samples
+            as errors.
+        scale: area range of ``random_resized`` crops (MAE: 0.2 to 1).
+        ratio: aspect-ratio (w/h) range of ``random_resized`` crops.
+        eval_resize_ratio: ``random_resized`` evaluation resizes the shorter side to
+            ``int(image_size * eval_resize_ratio)`` before the centre crop (MAE: 256/224).
+        jpeg_draft: decode JPEGs much larger than needed at 1/2, 1/4 or 1/8 size (faster; a few grey
+            levels from decoding them whole); ``False`` always decodes at full size.
+        uint8_train_batches: the training loader yields uint8 images in [0, 255] (a quarter of the bytes
+            between worker processes and to the GPU) that :meth:`on_after_batch_transfer` scales to
+            [-1, 1] on the device, so training steps see the same batches. Evaluation loaders, which
+            other code reads directly, always yield float batches.
     """
 
     def __init__(
@@ -56,6 +79,13 @@ class ImageShardsDataModule(ShardsDataModule):
         hflip: bool = False,
         seed: int = 0,
         max_errors: int | None = None,
+        crop: Literal["center", "adm_center", "random_resized"] = "center",
+        labelled: bool = True,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        eval_resize_ratio: float = 256 / 224,
+        jpeg_draft: bool = True,
+        uint8_train_batches: bool = False,
     ):
         super().__init__(
             train_shards=train_shards,
@@ -73,6 +103,13 @@ class ImageShardsDataModule(ShardsDataModule):
         self._channels = channels
         self._num_classes = num_classes
         self.hflip = hflip
+        self.crop = crop
+        self.labelled = labelled
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.eval_resize_ratio = eval_resize_ratio
+        self.jpeg_draft = jpeg_draft
+        self.uint8_train_batches = uint8_train_batches
         self._check_config()
 
     @property
@@ -95,9 +132,28 @@ class ImageShardsDataModule(ShardsDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        self.make_decoder(train=True)  # validates crop, scale, ratio and eval_resize_ratio
 
     def make_decoder(self, train: bool) -> ImageDecoder:
-        return ImageDecoder(self.image_size, self.channels, self.num_classes, hflip=self.hflip and train)
+        return ImageDecoder(
+            self.image_size,
+            self.channels,
+            self.num_classes,
+            hflip=self.hflip and train,
+            crop=self.crop,
+            labelled=self.labelled,
+            scale=self.scale,
+            ratio=self.ratio,
+            eval_resize_ratio=self.eval_resize_ratio,
+            jpeg_draft=self.jpeg_draft,
+            uint8_batches=train and self.uint8_train_batches,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Scale uint8 image batches (``uint8_train_batches``) to float32 in [-1, 1], on the batch's device."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and getattr(batch[0], "dtype", None) == torch.uint8:
+            return to_signed_float(batch[0]), batch[1]
+        return batch
 
 
 class DigitsDataModule(ImageShardsDataModule):

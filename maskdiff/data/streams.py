@@ -8,83 +8,174 @@ The streams are generic over a *sample decoder*: any object with
 - ``decoder.collate(list_of_pairs) -> (batch, labels (B,) int64)``, which must accept an empty list.
 
 :class:`ImageDecoder` is the image one: batches ``(images (B, C, S, S) float32 in [-1, 1], labels (B,))``.
+
+With a :class:`~maskdiff.data.shards.SkipCounter` as error handler, the streams also count the samples
+they decoded (``SkipCounter.read``).
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode
+
+from .shards import SkipCounter
+from .transforms import (
+    CROPS,
+    EncodedImage,
+    adm_center_crop,
+    adm_halvings,
+    crop_resize,
+    draft_factor,
+    random_resized_crop_box,
+    resize_center_crop,
+    square_center_box,
+    to_signed_float,
+)
 
 log = logging.getLogger("maskdiff.data")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+UNLABELLED = -1
+
 
 class ImageDecoder:
-    """Turns a webdataset sample dict into ``(image (C, S, S) float32 in [-1, 1], label int)``.
+    """Turns a webdataset sample dict into ``(image (C, S, S) uint8, label int)``; :meth:`collate` makes the
+    float batch ``(B, C, S, S)`` in [-1, 1].
 
-    The first member among ``png/jpg/jpeg/webp`` is decoded with PIL and converted to ``"L"``
-    (``channels == 1``) or ``"RGB"`` (``channels == 3``). Non-square images are center-cropped to a
-    square; images whose size differs from ``image_size`` are resized bilinearly (PIL antialiases when
-    downscaling). The label is the integer in the ``cls`` member and must lie in ``[0, num_classes)``.
+    The first member among ``png/jpg/jpeg/webp`` is decoded (``torchvision.io``, PIL as the fallback; see
+    :mod:`.transforms`) to ``channels`` 1 (grayscale) or 3 (RGB), then cropped to ``S = image_size``:
+
+    - ``"center"``: the largest centred square, resized bilinearly (the digits' transform);
+    - ``"adm_center"``: guided-diffusion's ``center_crop_arr`` (BOX halvings, bicubic resize of the shorter
+      side to S, centre crop), used by DiT and MDT, in training and evaluation;
+    - ``"random_resized"``: in training, MAE's ``RandomResizedCrop(S, scale, ratio, bicubic)`` drawn from
+      ``rng``; in evaluation, a bicubic resize of the shorter side to ``int(S * eval_resize_ratio)`` and a
+      centre crop (MAE's evaluation transform).
+
+    In training (``rng`` given), ``hflip`` mirrors half of the images. With ``jpeg_draft`` a JPEG much larger
+    than its output is decoded at 1/2, 1/4 or 1/8 of its size (within a few grey levels of decoding it whole).
+
+    The label is the integer in the ``cls`` member and must lie in ``[0, num_classes)``. A sample without
+    ``cls`` is an error when ``labelled``, else gets the label -1. With ``uint8_batches``, :meth:`collate`
+    keeps the images uint8 in [0, 255] (scale them with :func:`~maskdiff.data.transforms.to_signed_float`).
     """
 
-    def __init__(self, image_size: int, channels: int, num_classes: int, hflip: bool = False):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        num_classes: int,
+        hflip: bool = False,
+        crop: str = "center",
+        labelled: bool = True,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        eval_resize_ratio: float = 256 / 224,
+        jpeg_draft: bool = True,
+        uint8_batches: bool = False,
+    ):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio!r}")
+        if eval_resize_ratio < 1:
+            raise ValueError(f"eval_resize_ratio must be >= 1 (resize, then crop), got {eval_resize_ratio!r}")
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
         self.hflip = hflip
+        self.crop = crop
+        self.labelled = labelled
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.eval_resize_ratio = eval_resize_ratio
+        self.jpeg_draft = jpeg_draft
+        self.uint8_batches = uint8_batches
+
+    @property
+    def eval_resize(self) -> int:
+        """Shorter side before the evaluation centre crop of ``crop="random_resized"``."""
+        return int(self.image_size * self.eval_resize_ratio + 1e-6)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[torch.Tensor, int]:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             members = sorted(k for k in sample if not k.startswith("__"))
             raise KeyError(f"sample {sample.get('__key__')!r} has no {'/'.join(IMAGE_EXTENSIONS)} member: {members}")
+        label = self.label(sample)
+        pixels = self.pixels(sample[extension], rng)
+        if rng is not None and self.hflip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels, label
+
+    def label(self, sample: dict) -> int:
         if "cls" not in sample:
-            raise KeyError(f"sample {sample.get('__key__')!r} has no 'cls' label member")
+            if self.labelled:
+                raise KeyError(
+                    f"sample {sample.get('__key__')!r} has no 'cls' label member (labelled=False reads unlabelled shards)"
+                )
+            return UNLABELLED
         label = int(sample["cls"])
         if not 0 <= label < self.num_classes:
             raise ValueError(f"sample {sample.get('__key__')!r}: label {label} outside [0, {self.num_classes})")
-        with Image.open(io.BytesIO(sample[extension])) as opened:
-            image = opened.convert("L" if self.channels == 1 else "RGB")
-        image = self._square(image)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
-        pixels = pixels.unsqueeze(0) if self.channels == 1 else pixels.permute(2, 0, 1)
-        image = pixels.float().div_(127.5).sub_(1.0).contiguous()
-        if rng is not None and self.hflip and rng.random() < 0.5:
-            image = image.flip(-1)
-        return image, label
+        return label
 
-    def _square(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
-        if width != height:
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        return image
+    def pixels(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
+        """Image bytes -> cropped uint8 ``(C, S, S)`` (random crop when ``rng`` is given, no flip)."""
+        image = EncodedImage(data, self.channels, reduced_decoding=self.jpeg_draft)
+        height, width, size = image.height, image.width, self.image_size
+        if self.crop == "adm_center":
+            halvings = adm_halvings(height, width, size)
+            pixels = image.decode(reduce=2 ** min(halvings, 3))
+            done = round(math.log2(height / pixels.shape[-2]))
+            return adm_center_crop(pixels, size, halvings=halvings - done)
+        if self.crop == "random_resized" and rng is None:
+            pixels = image.decode(reduce=draft_factor(min(height, width), self.eval_resize))
+            return resize_center_crop(pixels, self.eval_resize, size)
+        if self.crop == "random_resized":
+            box = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
+            interpolation = InterpolationMode.BICUBIC
+        else:
+            box = square_center_box(height, width)
+            interpolation = InterpolationMode.BILINEAR
+        pixels = image.decode(reduce=draft_factor(min(box.height, box.width), size))
+        if pixels.shape[-2:] != (height, width):
+            box = box.scaled(pixels.shape[-2] / height, pixels.shape[-1] / width)
+        return crop_resize(pixels, box, size, interpolation)
 
     def collate(self, samples: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[(image (C, S, S), label)] * B -> (images (B, C, S, S), labels (B,) int64)``; B may be 0."""
+        """``[(image (C, S, S) uint8, label)] * B -> (images (B, C, S, S) float32 in [-1, 1], labels (B,) int64)``;
+        B may be 0. With ``uint8_batches`` the images stay uint8."""
         if not samples:
             shape = (0, self.channels, self.image_size, self.image_size)
-            return torch.empty(shape, dtype=torch.float32), torch.empty(0, dtype=torch.int64)
+            dtype = torch.uint8 if self.uint8_batches else torch.float32
+            return torch.empty(shape, dtype=dtype), torch.empty(0, dtype=torch.int64)
         images, labels = zip(*samples)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        images = torch.stack(images)
+        return images if self.uint8_batches else to_signed_float(images), torch.tensor(labels, dtype=torch.int64)
 
 
 def _pass_through(batch):
     return batch
+
+
+def _nothing() -> None:
+    pass
+
+
+def _read_counter(handler) -> Callable[[], None]:
+    """``handler.count_read`` for a :class:`SkipCounter` handler, else a no-op."""
+    return handler.count_read if isinstance(handler, SkipCounter) else _nothing
 
 
 class _ErrorStreak:
@@ -147,6 +238,7 @@ class ResampledTrainStream(IterableDataset):
         samples = wds.tarfile_to_samples(handler=handler)(shards)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(samples)
+        reads = _read_counter(self.handler)
         for sample in samples:
             try:
                 decoded = self.decoder(sample, augment_rng)
@@ -155,6 +247,7 @@ class ResampledTrainStream(IterableDataset):
                     continue
                 return
             handler.streak = 0
+            reads()
             yield decoded
 
 
@@ -233,6 +326,7 @@ class EvalStream(IterableDataset):
 
     def _read(self, batches: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         current: list[tuple[torch.Tensor, int]] = []
+        reads = _read_counter(self.handler)
         cursor = 0
         offset = 0
         for shard, url in enumerate(self.urls):
@@ -259,6 +353,8 @@ class EvalStream(IterableDataset):
                 except Exception as exn:
                     if not self.handler(exn):
                         return
+                else:
+                    reads()
                 if index == stop - 1:
                     yield self.decoder.collate(current)
                     current, cursor = [], cursor + 1

@@ -112,10 +112,11 @@ def pool_tokens(features: torch.Tensor, pooling: Pooling, num_prefix_tokens: int
 
 
 def images_to_tokens(module_or_backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images ``(B, C, H, W)`` -> tokens ``(B, N, P)``: the method's ``to_tokens`` (autoencoder + patchify), or a
-    bare backbone's patchifier."""
-    if hasattr(module_or_backbone, "to_tokens"):
-        return module_or_backbone.to_tokens(images)
+    """A data batch ``(B, C, H, W)`` -> tokens ``(B, N, P)``: the method's ``batch_tokens`` (images through the
+    autoencoder, pre-encoded latents as they are) or ``to_tokens``, or a bare backbone's patchifier."""
+    for name in ("batch_tokens", "to_tokens"):
+        if hasattr(module_or_backbone, name):
+            return getattr(module_or_backbone, name)(images)
     return module_or_backbone.patchifier.patchify(images)
 
 

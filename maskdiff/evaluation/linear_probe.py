@@ -400,6 +400,7 @@ def probe(
     datamodule.prepare_data()
     datamodule.setup("fit")
     module.check_data(datamodule)
+    module.inputs_pre_encoded = bool(getattr(datamodule, "pre_encoded", False))
     cache_path, key = feature_cache_path(cache_dir or default_feature_cache(), ckpt, spec, data_identity(datamodule))
     if cache_path.is_file():
         splits = load_features(cache_path)

@@ -85,6 +85,8 @@ class MaskDiffModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.ema_decay = ema_decay
         self.clip_x0 = clip_x0
+        # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
+        self.inputs_pre_encoded = False
         # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
         self.ema_backbone = copy.deepcopy(backbone).requires_grad_(False) if ema_decay is not None else None
 
@@ -109,6 +111,11 @@ class MaskDiffModule(L.LightningModule):
         """Images -> modelled space -> clean tokens ``(B, N, P)``."""
         return self.patchifier.patchify(self.autoencoder.encode(images))
 
+    def batch_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A training/evaluation batch -> clean tokens ``(B, N, P)``: images via :meth:`to_tokens`, pre-encoded
+        latents (``inputs_pre_encoded``, e.g. from a ``LatentShardsDataModule``) patchified as they are."""
+        return self.patchifier.patchify(inputs) if self.inputs_pre_encoded else self.to_tokens(inputs)
+
     def view_loss(self, view: Corrupted, labels: torch.Tensor | None) -> ObjectiveOutput:
         """Run the backbone on one corrupted view and score it; override to change how a view is trained."""
         y = None if labels is None or not view.conditional else labels[view.rows]
@@ -117,7 +124,7 @@ class MaskDiffModule(L.LightningModule):
 
     def step_loss(self, images: torch.Tensor, labels: torch.Tensor | None) -> ObjectiveOutput:
         """Weighted sum of the objective over every view the corruption makes of the batch."""
-        views = self.corruption(self.to_tokens(images), self.patchifier.grid)
+        views = self.corruption(self.batch_tokens(images), self.patchifier.grid)
         total = 0.0
         parts: dict[str, torch.Tensor] = {}
         for view in views:
@@ -230,19 +237,28 @@ class MaskDiffModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             self.check_data(datamodule)
+            self.inputs_pre_encoded = bool(getattr(datamodule, "pre_encoded", False))
 
     def check_data(self, datamodule) -> None:
-        """Stop before training when the data's size, channels or classes do not fit the backbone."""
+        """Stop before training when the data's size, channels or classes do not fit the backbone.
+
+        Pre-encoded data (``datamodule.pre_encoded``) gives latents: their size and channels are compared with
+        the backbone directly, and their ``scale_factor`` (when known) with the autoencoder's.
+        """
         size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
         classes = getattr(datamodule, "num_classes", None)
         patchifier = self.patchifier
-        down = self.autoencoder.downsample
+        pre_encoded = bool(getattr(datamodule, "pre_encoded", False))
+        down = 1 if pre_encoded else self.autoencoder.downsample
         if size is not None and size // down != patchifier.input_size:
             raise ValueError(
                 f"data image_size {size} gives inputs of side {size // down} (autoencoder downsample {down}), "
                 f"but the backbone expects input_size {patchifier.input_size}"
             )
-        expected_channels = self.autoencoder.latent_channels or channels
+        expected_channels = channels if pre_encoded else self.autoencoder.latent_channels or channels
+        data_scale, model_scale = getattr(datamodule, "scale_factor", None), getattr(self.autoencoder, "scale_factor", None)
+        if pre_encoded and data_scale is not None and model_scale is not None and abs(data_scale - model_scale) > 1e-6:
+            raise ValueError(f"the latents were scaled by {data_scale} but the autoencoder uses scale_factor {model_scale}")
         if expected_channels is not None and expected_channels != patchifier.channels:
             raise ValueError(
                 f"the data gives {expected_channels} channels to the backbone, which expects in_channels {patchifier.channels}"

@@ -1,6 +1,11 @@
 import io
+import json
 import logging
 import os
+import random
+import re
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -8,11 +13,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
+from torchvision import transforms
 
 from maskdiff.data import (
     DigitsDataModule,
+    ImageDecoder,
     ImageShardsDataModule,
     SkipCounter,
     check_local_shards,
@@ -23,6 +30,9 @@ from maskdiff.data import (
     write_manifest,
     write_shards,
 )
+from maskdiff.data import transforms as transforms_module
+from maskdiff.data.transforms import Box, decode_pixels, random_resized_crop_box
+from tests.helpers import ROOT
 
 
 def png_bytes(value, size=8, mode="L"):
@@ -372,3 +382,438 @@ def test_training_fails_loudly_when_nothing_decodes(tmp_path):
     with pytest.raises(RuntimeError, match="consecutive"):
         next(iter(module.train_dataloader()))
     assert module.skipped == 1000
+
+
+# transforms: fast decoding and the DiT/MDT and MAE crops
+
+
+def smooth_image(height, width, seed, mode="RGB"):
+    """A deterministic natural-looking image: bicubically upsampled coarse noise plus fine grain."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def encoded(image, fmt, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def center_crop_arr(pil_image, image_size):
+    """guided-diffusion's ADM centre crop (image_datasets.py), verbatim."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def hwc(pixels):
+    return pixels.permute(1, 2, 0).numpy().astype(int)
+
+
+@pytest.mark.parametrize("size, height, width", [(64, 300, 265), (64, 120, 90), (32, 20, 28)])
+def test_adm_center_crop_matches_guided_diffusion(size, height, width):
+    image = smooth_image(height, width, seed=size + height)
+    decoder = ImageDecoder(size, 3, 10, crop="adm_center")
+    got = hwc(decoder.pixels(encoded(image, "PNG")))
+    expected = center_crop_arr(image, size).astype(int)
+    assert got.shape == expected.shape == (size, size, 3)
+    assert np.abs(got - expected).max() <= 2 and np.abs(got - expected).mean() < 0.3
+    assert torch.equal(decoder.pixels(encoded(image, "PNG")), decoder.pixels(encoded(image, "PNG"), random.Random(0)))
+
+
+def test_random_resized_crop_boxes_follow_mae_bounds_and_seed():
+    boxes = [random_resized_crop_box(200, 300, (0.2, 1.0), (3 / 4, 4 / 3), random.Random(seed)) for seed in range(300)]
+    for box in boxes:
+        assert 0 <= box.top <= 200 - box.height and 0 <= box.left <= 300 - box.width
+        assert 0.2 * 0.95 <= box.height * box.width / (200 * 300) <= 1.0
+        assert 3 / 4 * 0.95 <= box.width / box.height <= 4 / 3 * 1.05
+    areas = [box.height * box.width / 60000 for box in boxes]
+    assert min(areas) < 0.3 and max(areas) > 0.8
+    assert boxes[7] == random_resized_crop_box(200, 300, (0.2, 1.0), (3 / 4, 4 / 3), random.Random(7))
+    fallback = random_resized_crop_box(10, 200, (0.9, 1.0), (3 / 4, 4 / 3), random.Random(0))
+    assert fallback == Box(0, 93, 10, 13)
+
+
+def test_random_resized_crop_matches_pil_and_is_reproducible():
+    image = smooth_image(150, 200, seed=3)
+    data = encoded(image, "PNG")
+    decoder = ImageDecoder(48, 3, 10, crop="random_resized")
+    got = decoder.pixels(data, random.Random(5))
+    assert got.shape == (3, 48, 48) and got.dtype == torch.uint8
+    box = random_resized_crop_box(150, 200, (0.2, 1.0), (3 / 4, 4 / 3), random.Random(5))
+    reference = image.resize((48, 48), Image.Resampling.BICUBIC, box=(box.left, box.top, box.left + box.width, box.top + box.height))
+    assert np.abs(hwc(got) - np.asarray(reference, dtype=int)).max() <= 2
+    assert torch.equal(got, decoder.pixels(data, random.Random(5)))
+    assert not torch.equal(got, decoder.pixels(data, random.Random(6)))
+
+
+def test_mae_evaluation_transform_matches_torchvision_on_pil():
+    image = smooth_image(150, 200, seed=4)
+    decoder = ImageDecoder(56, 3, 10, crop="random_resized")
+    assert decoder.eval_resize == 64
+    reference = transforms.Compose(
+        [transforms.Resize(64, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(56)]
+    )(image)
+    assert np.abs(hwc(decoder.pixels(encoded(image, "PNG"))) - np.asarray(reference, dtype=int)).max() <= 1
+    assert ImageDecoder(256, 3, 10, crop="random_resized").eval_resize == 292
+
+
+def pil_pixels(data, channels):
+    return hwc(transforms_module.TF.pil_to_tensor(Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")))
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, options, tolerance",
+    [
+        ("JPEG", "RGB", {"quality": 90}, 2),
+        ("JPEG", "L", {"quality": 90}, 1),
+        ("JPEG", "CMYK", {"quality": 95}, 2),
+        ("PNG", "RGB", {}, 0),
+        ("PNG", "L", {}, 0),
+        ("PNG", "RGBA", {}, 0),
+        ("PNG", "P", {}, 0),
+        ("WEBP", "RGB", {"quality": 90}, 2),
+        ("BMP", "RGB", {}, 0),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_decoding_matches_pil(fmt, mode, options, tolerance, channels):
+    """Colour to grayscale may round differently (libjpeg/libpng vs PIL): one more grey level then."""
+    data = encoded(smooth_image(40, 56, seed=5, mode=mode), fmt, **options)
+    pixels = decode_pixels(data, channels)
+    assert pixels.shape == (channels, 40, 56) and pixels.dtype == torch.uint8
+    to_gray = channels == 1 and mode != "L"
+    assert np.abs(hwc(pixels) - pil_pixels(data, channels)).max() <= tolerance + to_gray
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    values = np.linspace(0, 65535, 48 * 32).reshape(32, 48).astype(np.uint16)
+    pixels = decode_pixels(encoded(Image.fromarray(values), "PNG"), 1)
+    assert pixels.dtype == torch.uint8
+    assert np.abs(hwc(pixels)[..., 0] - values.astype(np.float64) / 257).max() <= 1
+
+
+def test_pil_fallback_decodes_what_torchvision_cannot(monkeypatch):
+    data = encoded(smooth_image(30, 40, seed=6), "JPEG", quality=90)
+    fast = decode_pixels(data, 3)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported by torchvision")
+
+    monkeypatch.setattr(transforms_module, "decode_image", refuse)
+    assert (decode_pixels(data, 3).int() - fast.int()).abs().max() <= 1
+    with pytest.raises(UnidentifiedImageError):
+        decode_pixels(b"not an image", 3)
+
+
+def test_reduced_jpeg_decoding_stays_close_to_full_decoding():
+    data = encoded(smooth_image(480, 640, seed=7), "JPEG", quality=92)
+    assert decode_pixels(data, 3, transforms_module.open_header(data), reduce=4).shape == (3, 120, 160)
+    for crop, rng_seed in [("random_resized", 1), ("adm_center", None), ("random_resized", None), ("center", None)]:
+        rng = None if rng_seed is None else random.Random(rng_seed)
+        reduced = ImageDecoder(56, 3, 10, crop=crop, scale=(0.9, 1.0)).pixels(data, rng)
+        rng = None if rng_seed is None else random.Random(rng_seed)
+        full = ImageDecoder(56, 3, 10, crop=crop, scale=(0.9, 1.0), jpeg_draft=False).pixels(data, rng)
+        difference = (reduced.float() - full.float()).abs()
+        assert difference.mean() < 2.0 and difference.max() <= 16, crop
+
+
+def test_invalid_decoder_options_name_the_value():
+    with pytest.raises(ValueError, match="crop must be one of"):
+        ImageDecoder(8, 3, 10, crop="middle")
+    with pytest.raises(ValueError, match="scale"):
+        ImageDecoder(8, 3, 10, scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="ratio"):
+        ImageDecoder(8, 3, 10, ratio=(0, 1))
+    with pytest.raises(ValueError, match="crop must be one of"):
+        ImageShardsDataModule(train_shards="x.tar", crop="middle")
+
+
+def test_training_batches_of_an_imagenet_like_module(tmp_path):
+    samples = [
+        {"__key__": f"{i:03d}", "jpg": encoded(smooth_image(60 + 7 * i, 80, seed=i), "JPEG", quality=90), "cls": i % 3}
+        for i in range(6)
+    ]
+    write_shards(samples, str(tmp_path / "in-%06d.tar"), 3, progress=False)
+    pattern = str(tmp_path / "in-{000000..000001}.tar")
+    module = ImageShardsDataModule(
+        train_shards=pattern, val_shards=pattern, image_size=32, channels=3, num_classes=3, batch_size=4,
+        num_workers=0, crop="random_resized", hflip=True, train_samples_per_epoch=8, val_samples=6,
+        val_batch_size=6, shuffle_buffer=4,
+    )
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert -1 <= images.min() and images.max() <= 1 and set(labels.tolist()) <= {0, 1, 2}
+    (val_images, val_labels), = list(module.val_dataloader())
+    assert val_images.shape == (6, 3, 32, 32) and val_labels.tolist() == [0, 1, 2, 0, 1, 2]
+    reference = ImageDecoder(32, 3, 3, crop="random_resized").pixels(samples[5]["jpg"])
+    assert torch.allclose(val_images[5], reference.float() / 127.5 - 1)
+    assert module.samples_read >= 4 + 6 and module.skipped == 0
+
+
+class _DtypeRecorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3 * 16 * 16, 3)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.seen.append((images.dtype, float(images.min()), float(images.max())))
+        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_uint8_training_batches_are_scaled_after_transfer(tmp_path):
+    samples = [{"__key__": f"{i:03d}", "png": encoded(smooth_image(20, 24, seed=i), "PNG"), "cls": i % 3} for i in range(6)]
+    write_shards(samples, str(tmp_path / "u8-%06d.tar"), 6, progress=False)
+    options = dict(
+        train_shards=str(tmp_path / "u8-000000.tar"), image_size=16, channels=3, num_classes=3, batch_size=4,
+        num_workers=0, crop="random_resized", hflip=True, train_samples_per_epoch=8, shuffle_buffer=0,
+    )
+    as_uint8 = ImageShardsDataModule(**options, uint8_train_batches=True)
+    as_float = ImageShardsDataModule(**options)
+    (images, labels), (float_images, float_labels) = next(iter(as_uint8.train_dataloader())), next(iter(as_float.train_dataloader()))
+    assert images.dtype == torch.uint8 and torch.equal(labels, float_labels)
+    scaled, _ = as_uint8.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(scaled, float_images)
+
+    recorder = _DtypeRecorder()
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(recorder, datamodule=ImageShardsDataModule(**options, uint8_train_batches=True))
+    assert [dtype for dtype, _, _ in recorder.seen] == [torch.float32, torch.float32]
+    assert all(-1 <= low and high <= 1 for _, low, high in recorder.seen)
+
+
+# unlabelled shards, skip accounting, preflight
+
+
+def test_unlabelled_shards_get_label_minus_one(tmp_path):
+    samples = [{"__key__": f"u{i}", "png": png_bytes(10 * i)} for i in range(4)]
+    write_shards(samples, str(tmp_path / "u-%06d.tar"), 4, progress=False)
+    pattern = str(tmp_path / "u-000000.tar")
+    unlabelled = synthetic_module(pattern, labelled=False, val_samples=4, val_batch_size=4)
+    (images, labels), = list(unlabelled.val_dataloader())
+    assert labels.tolist() == [-1, -1, -1, -1] and unlabelled.skipped == 0
+    assert torch.allclose(images[:, 0, 0, 0], torch.tensor([0, 10, 20, 30]) / 127.5 - 1)
+    labelled = synthetic_module(pattern, val_samples=4, val_batch_size=4)
+    (images, labels), = list(labelled.val_dataloader())
+    assert len(labels) == 0 and labelled.skipped == 4 and labelled.samples_read == 0
+    assert any("no 'cls' label member" in reason for reason in labelled.skip_reasons)
+
+
+def truncate_in_member(path, member_index):
+    """Cut a tar file in the middle of the data of its ``member_index``-th member."""
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[member_index]
+    with open(path, "r+b") as handle:
+        handle.truncate(member.offset_data + member.size // 2)
+
+
+def test_corrupt_shards_and_samples_are_skipped_and_counted(tmp_path):
+    good = encoded(smooth_image(16, 16, seed=1), "JPEG", quality=90)
+    samples = [{"__key__": f"a{i}", "jpg": good, "cls": i} for i in range(4)]
+    samples[1]["jpg"] = good[: len(good) // 2]
+    samples.append({"__key__": "a4", "cls": 4})
+    write_shards(samples, str(tmp_path / "c-%06d.tar"), 5, progress=False)
+    pngs = [{"__key__": f"b{i}", "png": png_bytes(i), "cls": 10 + i} for i in range(4)]
+    write_shards(pngs, str(tmp_path / "d-%06d.tar"), 4, progress=False)
+    truncate_in_member(tmp_path / "d-000000.tar", 4)
+    (tmp_path / "e-000000.tar").write_bytes(b"this is not a tar file" * 50)
+    pattern = f"{tmp_path}/c-000000.tar::{tmp_path}/d-000000.tar::{tmp_path}/e-000000.tar"
+    module = synthetic_module(pattern, val_samples=9, val_batch_size=9, image_size=16, channels=3)
+    module.setup("validate")
+    (_, labels), = list(module.val_dataloader())
+    assert labels.tolist() == [0, 2, 3, 10, 11]
+    assert module.samples_read == 5 and module.skipped >= 4
+    reasons = module.skip_reasons
+    assert any(reason.startswith("OSError") for reason in reasons)  # the corrupt JPEG
+    assert any("has no png/jpg/jpeg/webp member" in reason for reason in reasons)
+    assert any("unexpected end of data" in reason and "d-000000.tar" in reason for reason in reasons)
+    assert any("invalid header" in reason and "e-000000.tar" in reason for reason in reasons)
+
+    trainer_side = synthetic_module(pattern, val_shards=None, batch_size=8, train_samples_per_epoch=8, image_size=16, channels=3)
+    (_, labels), = list(trainer_side.train_dataloader())
+    assert set(labels.tolist()) <= {0, 2, 3, 10, 11} and trainer_side.samples_read >= 8 and trainer_side.skipped > 0
+    strict = synthetic_module(pattern, val_samples=9, val_batch_size=9, image_size=16, channels=3, max_errors=2)
+    with pytest.raises(tarfile.ReadError) as error:
+        list(strict.val_dataloader())
+    assert "maskdiff: val: more than max_errors=2 samples failed" in error.value.__notes__
+
+
+def test_read_skip_counts_and_reasons_are_shared_across_workers(tmp_path):
+    pattern = write_synthetic(tmp_path, 9, 3, corrupt={2, 7})
+    module = synthetic_module(pattern, val_batch_size=2, num_workers=2)
+    module.setup("validate")
+    labels = [label for _, batch in module.val_dataloader() for label in batch.tolist()]
+    assert sorted(labels) == [0, 1, 3, 4, 5, 6, 8]
+    assert (module.samples_read, module.skipped) == (7, 2)
+    (reason, count), = module.skip_reasons.items()
+    assert reason.startswith("UnidentifiedImageError") and count == 2
+
+
+def test_shared_skip_reasons_are_bounded():
+    counter = SkipCounter(shared=True, max_reasons=2, log_first=0)
+    for reason in ["a", "b", "a", "c", "d"]:
+        counter(ValueError(reason))
+    counter.count_read(3)
+    assert counter.reasons == {"ValueError: a": 2, "ValueError: b": 1, "<other>": 2}
+    assert (counter.read, counter.skipped) == (3, 5)
+    counter.reset()
+    assert (counter.read, counter.skipped, counter.reasons) == (0, 0, {})
+
+
+def test_preflight_names_bad_patterns_and_warns_about_few_shards(tmp_path, monkeypatch, caplog):
+    with pytest.raises(ValueError, match="'::'"):
+        synthetic_module("::").setup("fit")
+    pattern = write_synthetic(tmp_path, 4, 2)
+    with pytest.raises(FileNotFoundError, match=r"syn-000002.tar \(from shard pattern .*syn-\{000000..000007\}.tar"):
+        synthetic_module(pattern.replace("000001}", "000007}")).setup("fit")
+    module = with_rank(monkeypatch, synthetic_module(pattern, num_workers=3), 0, 2)
+    with caplog.at_level(logging.WARNING, logger="maskdiff.data"):
+        module.setup("fit")
+    assert "2 training shards for 6 readers (2 ranks x 3 workers)" in caplog.text
+    remote = synthetic_module("pipe:cat /nowhere/a-{000000..000003}.tar", val_shards="https://host/v.tar",
+                              train_samples_per_epoch=10, val_samples=4)
+    remote.setup("fit")
+    assert remote._train_urls[0] == "pipe:cat /nowhere/a-000000.tar"
+
+
+# DataHealth
+
+
+class _FlatClassifier(L.LightningModule):
+    def __init__(self, features):
+        super().__init__()
+        self.layer = torch.nn.Linear(features, 1000)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _MetricsRecorder(L.pytorch.loggers.Logger):
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+
+def test_data_health_logs_read_and_skipped_counts(tmp_path, capsys):
+    from maskdiff.callbacks import DataHealth
+
+    pattern = write_synthetic(tmp_path, 6, 3, corrupt={4})
+    module = synthetic_module(pattern, val_shards=None, batch_size=5, train_samples_per_epoch=10)
+    recorder = _MetricsRecorder()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=recorder, callbacks=[DataHealth(top_k=3)],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, log_every_n_steps=1, limit_val_batches=0,
+    )
+    trainer.fit(_FlatClassifier(64), datamodule=module)
+    epoch_logs = [m for m in recorder.metrics if "data/read" in m and "epoch" in m]
+    assert len(epoch_logs) == 2
+    assert epoch_logs[-1]["data/read"] >= 20 and epoch_logs[-1]["data/skipped"] >= 1
+    final = recorder.metrics[-1]
+    assert final == {"data/read": module.samples_read, "data/skipped": module.skipped}
+    assert trainer.callback_metrics["data/skipped"] >= 1
+    printed = capsys.readouterr().out
+    assert f"maskdiff: data read {module.samples_read:,} samples, skipped {module.skipped:,}" in printed
+    assert "UnidentifiedImageError" in printed
+
+
+DDP_SCRIPT = '''
+import json
+import sys
+
+import lightning as L
+import torch
+
+from maskdiff.callbacks import DataHealth
+from maskdiff.data import ImageShardsDataModule
+
+
+class Collect(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 1000)
+        self.seen, self.batches = [], 0
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.layer(batch[0].flatten(1)), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.seen += batch[1].tolist()
+        self.batches += 1
+
+    def on_validation_epoch_end(self):
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, {"labels": self.seen, "batches": self.batches})
+        if self.trainer.is_global_zero:
+            with open(sys.argv[2], "w") as handle:
+                json.dump(gathered, handle)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+module = ImageShardsDataModule(
+    train_shards=sys.argv[1], val_shards=sys.argv[1], image_size=8, channels=1, num_classes=1000, batch_size=4,
+    val_batch_size=3, num_workers=1, train_samples_per_epoch=16, shuffle_buffer=0,
+)
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, callbacks=[DataHealth()],
+    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+)
+trainer.fit(Collect(), datamodule=module)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_validation_reads_every_sample_once(tmp_path):
+    """Real DDP (2 processes, gloo): ranks validate disjoint samples covering the set, in equal batch counts."""
+    pattern = write_synthetic(tmp_path, 23, 5, corrupt={11})
+    script = tmp_path / "ddp_validate.py"
+    script.write_text(DDP_SCRIPT)
+    result_path = tmp_path / "seen.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), pattern, str(result_path)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    per_rank = json.loads(result_path.read_text())
+    assert len(per_rank) == 2 and per_rank[0]["batches"] == per_rank[1]["batches"] == 4
+    labels = per_rank[0]["labels"] + per_rank[1]["labels"]
+    assert sorted(labels) == [i for i in range(23) if i != 11]
+    assert not set(per_rank[0]["labels"]) & set(per_rank[1]["labels"])
+    read, skipped = map(int, re.search(r"data read (\d+) samples, skipped (\d+)", result.stdout).groups())
+    assert read >= 16 + 22 and skipped >= 1
+    assert "UnidentifiedImageError" in result.stdout
