@@ -19,7 +19,9 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from maskdiff.evaluation.evaluate import evaluate
 from maskdiff.evaluation.linear_probe import probe
+from maskdiff.inpainting.cli import inpaint
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
@@ -113,7 +115,7 @@ def sample(
     return str(path)
 
 
-TOOLS = {"sample": (sample, False), "probe": (probe, False)}
+TOOLS = {"sample": (sample, False), "probe": (probe, False), "inpaint": (inpaint, False), "evaluate": (evaluate, False)}
 
 
 def _register_subcommand_tools() -> None:

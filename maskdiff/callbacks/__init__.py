@@ -2,8 +2,9 @@
 
 from maskdiff.callbacks.data_health import DataHealth
 from maskdiff.callbacks.digits_eval import DigitsEvaluation
+from maskdiff.callbacks.generative_metrics import GenerativeMetrics
 from maskdiff.callbacks.linear_probe import OnlineLinearProbe
 from maskdiff.callbacks.run_summary import RunSummary
 from maskdiff.callbacks.sample_grid import SampleGrid, grid_labels, save_grid
 
-__all__ = ["DataHealth", "DigitsEvaluation", "OnlineLinearProbe", "RunSummary", "SampleGrid", "grid_labels", "save_grid"]
+__all__ = ["DataHealth", "DigitsEvaluation", "GenerativeMetrics", "OnlineLinearProbe", "RunSummary", "SampleGrid", "grid_labels", "save_grid"]

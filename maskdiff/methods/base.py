@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corrupted, Corruption
+from maskdiff.inpainting.masks import as_pixel_mask, token_mask
 from maskdiff.objectives.base import Objective, ObjectiveOutput
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddpm import DDPMSampler
@@ -231,6 +232,44 @@ class MaskDiffModule(L.LightningModule):
         tokens = sampler.sample(denoiser, shape, labels, generator=generator, device=self.device, steps=steps)
         denoiser.backbone.train(was_training)
         return self.autoencoder.decode(self.patchifier.unpatchify(tokens))
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        sampler: Sampler | None = None,
+        guidance: ClassifierFreeGuidance | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """Fill the masked pixels of ``images (B, C, H, W)`` in [-1, 1]; returns ``(B, C, H, W)``.
+
+        ``pixel_mask (B, 1, H, W)`` or ``(B, H, W)`` bool, True = generate (a batch of 1 is broadcast). A token is
+        generated if any of its pixels is masked (the mask is max-pooled over autoencoder downsample × patch
+        size); the sampler runs RePaint-style, replacing the known tokens by the encoded image noised to each step,
+        which suits models trained on full images. The known pixels are then pasted back, so they come out exactly
+        as given even where a latent autoencoder's round trip is lossy. Methods with a native conditional decoder
+        (MAE, DiffMAE) override this hook.
+        """
+        images = images.to(self.device)
+        pixel_mask = as_pixel_mask(pixel_mask, images)
+        generate_tokens = token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+        known = self.to_tokens(images)
+        sampler = sampler or self.sampler or DDPMSampler()
+        denoiser = self.denoiser(use_ema, guidance)
+        labels = labels.to(self.device) if labels is not None and self.conditional else None
+        was_training = denoiser.backbone.training
+        denoiser.backbone.eval()
+        try:
+            tokens = sampler.sample(denoiser, tuple(known.shape), labels, generator=generator, known=known,
+                                    mask=generate_tokens, device=self.device, steps=steps)
+        finally:
+            denoiser.backbone.train(was_training)
+        generated = self.autoencoder.decode(self.patchifier.unpatchify(tokens)).to(images.dtype)
+        return torch.where(pixel_mask, generated, images)
 
     # ------------------------------------------------------------------------------------------ setup & optim
     def setup(self, stage: str) -> None:

@@ -10,11 +10,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from maskdiff.autoencoders.base import Autoencoder
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
-from maskdiff.corruption.masking import random_masking
+from maskdiff.corruption.masking import masking_from_noise, random_masking
 from maskdiff.corruption.noising import TokenMasking
+from maskdiff.inpainting.masks import as_pixel_mask, token_mask
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.reconstruction import MaskedReconstruction
+from maskdiff.samplers.base import Sampler
+from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
 
 def mae_optimizer(params) -> torch.optim.Optimizer:
@@ -75,3 +78,49 @@ class MAE(MaskDiffModule):
             prediction = prediction * (var + 1e-6).sqrt() + mean
         filled = torch.where(masking.mask.unsqueeze(-1), prediction, tokens)
         return self.autoencoder.decode(self.patchifier.unpatchify(filled)), masking.mask
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        sampler: Sampler | None = None,
+        guidance: ClassifierFreeGuidance | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """One-step inpainting: the encoder sees the tokens with no masked pixel, the decoder fills the rest.
+
+        ``images (B, C, H, W)`` in [-1, 1], ``pixel_mask (B, 1, H, W)`` or ``(B, H, W)`` bool (True = generate) ->
+        ``(B, C, H, W)`` with the known pixels kept exactly. There is no sampler: ``labels``, ``sampler``,
+        ``guidance``, ``generator`` and ``steps`` are accepted for the common signature and ignored. A norm-pix
+        model's standardised predictions are mapped back with the mean and variance of the image's visible
+        patches, since the hidden patches' own statistics are unknown when inpainting.
+        """
+        images = images.to(self.device)
+        pixel_mask = as_pixel_mask(pixel_mask, images)
+        hidden = token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+        tokens = self.to_tokens(images)
+        counts = hidden.sum(1)
+        rows = [slice(None)] if bool((counts == counts[0]).all()) else [slice(i, i + 1) for i in range(len(hidden))]
+        backbone = self.inference_backbone(use_ema)
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            prediction = torch.cat([
+                backbone(tokens[row], masking=masking_from_noise(hidden[row].float(), int((~hidden[row][0]).sum())))
+                for row in rows
+            ]).to(tokens.dtype)
+        finally:
+            backbone.train(was_training)
+        if getattr(self.objective, "norm_pix", False):
+            visible = (~hidden).unsqueeze(-1).to(tokens.dtype)
+            count = visible.sum(1, keepdim=True).clamp_min(1)
+            mean = (tokens.mean(-1, keepdim=True) * visible).sum(1, keepdim=True) / count
+            var = (tokens.var(-1, keepdim=True) * visible).sum(1, keepdim=True) / count
+            prediction = prediction * (var + 1e-6).sqrt() + mean
+        filled = torch.where(hidden.unsqueeze(-1), prediction, tokens)
+        generated = self.autoencoder.decode(self.patchifier.unpatchify(filled)).to(images.dtype)
+        return torch.where(pixel_mask, generated, images)
