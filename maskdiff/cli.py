@@ -5,6 +5,8 @@
     maskdiff sample --ckpt runs/quickstart/checkpoints/last.ckpt --out grid.png --sampler ddim --steps 50
     maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt
     maskdiff shards digits data/digits
+    maskdiff inpaint --ckpt runs/quickstart/checkpoints/last.ckpt --image digits:0 --mask_kind half --side left --out panel.png
+    maskdiff evaluate --ckpt runs/quickstart/checkpoints/last.ckpt --num_samples 1000 --sampler ddim --steps 50 --out eval/quickstart
     maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
 """
 
