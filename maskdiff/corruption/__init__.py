@@ -2,6 +2,6 @@
 
 from maskdiff.corruption.base import Corrupted, Corruption
 from maskdiff.corruption.masking import Masking, random_masking, tube_masking
-from maskdiff.corruption.noising import GaussianNoise, MaskedNoise, TokenMasking, UnifiedMaskedNoise
+from maskdiff.corruption.noising import GaussianNoise, MaskedNoise, MaskedPatchNoise, TokenMasking, UnifiedMaskedNoise
 
-__all__ = ["Corrupted", "Corruption", "GaussianNoise", "MaskedNoise", "Masking", "TokenMasking", "UnifiedMaskedNoise", "random_masking", "tube_masking"]
+__all__ = ["Corrupted", "Corruption", "GaussianNoise", "MaskedNoise", "MaskedPatchNoise", "Masking", "TokenMasking", "UnifiedMaskedNoise", "random_masking", "tube_masking"]

@@ -204,3 +204,70 @@ class UnifiedMaskedNoise(GaussianNoise):
                 conditional=False,
             ))
         return views
+
+
+class MaskedPatchNoise(GaussianNoise):
+    """DiffMAE's corruption: hide ``mask_ratio`` of the tokens and noise only those; the visible ones stay clean.
+
+    The view's ``tokens`` ``(B, N, P)`` hold the clean visible tokens and ``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` at the
+    hidden ones, ``t ~ U{0..T-1}`` per sample; ``noise`` is ε at hidden tokens and 0 at visible ones (what was added);
+    ``masking`` tells the backbone which tokens its encoder may see (the clean visible ones).
+
+    Args:
+        mask_ratio: share of tokens hidden and noised, in (0, 1) (DiffMAE: 0.75 for images, 0.9 for video).
+        tube: hide the same spatial cells in every frame (video grids ``(t, h, w)``, MAE-ST / VideoMAE tubes).
+        schedule: β schedule. The paper's schedule (an exponent ρ on the noise, see ``rho_linear``) is unverified;
+            ``cosine`` is the default here.
+        num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+    """
+
+    def __init__(
+        self,
+        mask_ratio: float = 0.75,
+        tube: bool = False,
+        schedule: ScheduleName = "cosine",
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rho: float = 0.8,
+        cosine_s: float = 0.008,
+    ) -> None:
+        super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(
+                f"mask_ratio {mask_ratio} is outside (0, 1); DiffMAE needs both visible tokens to condition on and "
+                "hidden tokens to denoise"
+            )
+        self.mask_ratio = mask_ratio
+        self.tube = tube
+
+    def mask(self, batch: int, grid: tuple[int, ...], device):
+        if self.tube:
+            if len(grid) != 3:
+                raise ValueError(f"tube masking needs a video token grid (t, h, w), got {grid}")
+            masking = tube_masking(batch, grid, self.mask_ratio, device=device)
+        else:
+            masking = random_masking(batch, math.prod(grid), self.mask_ratio, device=device)
+        if masking.num_keep == 0 or masking.num_keep == masking.mask.shape[1]:
+            raise ValueError(
+                f"mask_ratio {self.mask_ratio} on a token grid {grid} keeps {masking.num_keep} of "
+                f"{masking.mask.shape[1]} tokens; expected at least one visible and one hidden token"
+            )
+        return masking
+
+    def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
+        batch = clean.shape[0]
+        masking = self.mask(batch, grid, clean.device)
+        t = self.sample_t(batch, clean.device)
+        hidden = masking.mask.unsqueeze(-1)
+        noise = torch.randn_like(clean) * hidden.to(clean.dtype)
+        noisy = self.schedule.q_sample(clean, t, noise)
+        return [Corrupted(
+            tokens=torch.where(hidden, noisy, clean),
+            clean=clean,
+            t=t,
+            model_t=t.to(clean.dtype),
+            noise=noise,
+            masking=masking,
+            schedule=self.schedule,
+        )]
