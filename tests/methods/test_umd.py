@@ -248,3 +248,28 @@ def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path
     assert module.backbone.num_classes == 10 and module.ema_backbone is not None
     images = module.generate(torch.tensor([3, 7]), steps=3, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_compare_umd_example_runs_every_variant(tmp_path, digits_cache):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "compare_umd.py"), "--pretrain_steps", "3", "--finetune_steps", "2",
+         "--per_class", "1", "--shots", "2", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [run["name"] for run in report["runs"]] == ["UMD", "MAE-like", "DiT-like"]
+    for run in report["runs"]:
+        assert 0.0 <= run["probe_top1"] <= 1.0 and 0.0 <= run["2shot_top1"] <= 1.0
+        assert run["digits_fd"] > 0 and run["pretrain_images_per_s"] > 0
+    # the MAE-like baseline keeps in-context conditioning in its fine-tune (the architecture must match)
+    finetune = (tmp_path / "out" / "mae_like_finetune.yaml").read_text()
+    assert "adaln: false" in finetune and "no_noise_prob: 0.05" in finetune
