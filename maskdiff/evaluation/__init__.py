@@ -1,7 +1,8 @@
 """Evaluation: Fréchet distances, the digits judge, and representation probes."""
 
 from maskdiff.evaluation.digits_judge import DigitsScore, load_digits_judge, score_digits
-from maskdiff.evaluation.evaluate import balanced_labels, evaluate, generate_samples, score_samples
+from maskdiff.evaluation.evaluate import balanced_labels, evaluate, generate_samples
+from maskdiff.evaluation.scoring import score_samples
 from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features, extract_features
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
 from maskdiff.evaluation.inception import (
