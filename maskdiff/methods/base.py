@@ -233,6 +233,12 @@ class MaskDiffModule(L.LightningModule):
         denoiser.backbone.train(was_training)
         return self.autoencoder.decode(self.patchifier.unpatchify(tokens))
 
+    def inpainting_masks(self, images: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_mask`` checked against ``images (B, C, H, W)`` as bool ``(B, 1, H, W)``, and the token mask
+        ``(B, N)`` it implies (a token is generated if any of its pixels is); True = generate."""
+        pixel_mask = as_pixel_mask(pixel_mask, images)
+        return pixel_mask, token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+
     @torch.no_grad()
     def inpaint(
         self,
@@ -255,8 +261,7 @@ class MaskDiffModule(L.LightningModule):
         (MAE, DiffMAE) override this hook.
         """
         images = images.to(self.device)
-        pixel_mask = as_pixel_mask(pixel_mask, images)
-        generate_tokens = token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+        pixel_mask, generate_tokens = self.inpainting_masks(images, pixel_mask)
         known = self.to_tokens(images)
         sampler = sampler or self.sampler or DDPMSampler()
         denoiser = self.denoiser(use_ema, guidance)

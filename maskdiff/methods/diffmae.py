@@ -17,7 +17,6 @@ from maskdiff.backbones.diffmae import EncoderContext
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.masking import gather_tokens, masking_from_noise
 from maskdiff.corruption.noising import MaskedPatchNoise
-from maskdiff.inpainting.masks import as_pixel_mask, token_mask
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.diffusion import DiffusionLoss
@@ -148,8 +147,7 @@ class DiffMAE(MaskDiffModule):
         if self.patchifier.frames is not None:
             raise ValueError("inpaint takes images with a 2-D pixel mask; for video clips use inpaint_tokens with a token mask")
         images = images.to(self.device)
-        pixel_mask = as_pixel_mask(pixel_mask, images)
-        hidden = token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+        pixel_mask, hidden = self.inpainting_masks(images, pixel_mask)
         tokens = self.inpaint_tokens(self.to_tokens(images), hidden, sampler, generator, use_ema, steps)
         generated = self.autoencoder.decode(self.patchifier.unpatchify(tokens)).to(images.dtype)
         return torch.where(pixel_mask, generated, images)

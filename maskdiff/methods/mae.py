@@ -12,7 +12,6 @@ from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.masking import masking_from_noise, random_masking
 from maskdiff.corruption.noising import TokenMasking
-from maskdiff.inpainting.masks import as_pixel_mask, token_mask
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.reconstruction import MaskedReconstruction
@@ -100,8 +99,7 @@ class MAE(MaskDiffModule):
         patches, since the hidden patches' own statistics are unknown when inpainting.
         """
         images = images.to(self.device)
-        pixel_mask = as_pixel_mask(pixel_mask, images)
-        hidden = token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
+        pixel_mask, hidden = self.inpainting_masks(images, pixel_mask)
         tokens = self.to_tokens(images)
         counts = hidden.sum(1)
         rows = [slice(None)] if bool((counts == counts[0]).all()) else [slice(i, i + 1) for i in range(len(hidden))]
