@@ -45,9 +45,10 @@ class ShardsDataModule(L.LightningDataModule):
     (training resamples shards, so readers then repeat shards within an epoch). Remote URLs are not
     checked.
 
-    Checkpoints store ``seed`` and ``epochs_seen``. Streaming is resampled, so resuming does not
-    replay the interrupted epoch's remaining samples: it starts a fresh epoch whose seed is derived
-    from ``(seed, epochs_seen + 1)``.
+    Checkpoints store ``seed`` and ``epochs_seen``, and the training loader's position (epoch and batches
+    trained on). An epoch's stream is a function of ``(seed, epoch)``, so resuming from a checkpoint taken
+    mid-epoch replays that epoch and fast-forwards (reads, does not train on) the batches already trained on:
+    the resumed run sees exactly the batches the uninterrupted run saw.
     """
 
     def __init__(
@@ -188,6 +189,16 @@ class ShardsDataModule(L.LightningDataModule):
         self.epochs_seen += 1
         return self.epochs_seen
 
+    def _resume_train_epoch(self, epoch: int) -> None:
+        self.epochs_seen = epoch
+
+    def _batches_trained_this_epoch(self) -> int | None:
+        """Batches of the current epoch the training loop has run (``None`` without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self):
         """Endless resampled stream cut into epochs of :meth:`train_steps` batches."""
         if self._train_urls is None:
@@ -208,6 +219,9 @@ class ShardsDataModule(L.LightningDataModule):
             pipeline,
             stream=stream,
             next_epoch=self._next_train_epoch,
+            resume_epoch=self._resume_train_epoch,
+            batches_done=self._batches_trained_this_epoch,
+            steps=steps,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

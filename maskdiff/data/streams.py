@@ -201,9 +201,10 @@ class ResampledTrainStream(IterableDataset):
 
     Each rank and worker draws shards with replacement from all ``urls`` (no node/worker splitting),
     reads them, shuffles raw samples in a ``shuffle_buffer``-sized buffer, then decodes them with a
-    seeded ``random.Random`` for the decoder's augmentation. The random generator is seeded from ``(seed, rank, worker id, epoch, local
-    iteration count)``: ``epoch`` is set in the main process before each epoch; the local count keeps
-    epochs distinct inside persistent workers (which hold the copy made when they started).
+    seeded ``random.Random`` for the decoder's augmentation. The random generator is seeded from ``(seed, rank,
+    worker id, epoch)``: ``epoch`` is set in the main process before each epoch, and persistent workers (which
+    hold the copy made when they started) count on from the epoch they started in, so an epoch's stream is the
+    same whether the workers started with it or long before (what makes resuming exact).
     """
 
     def __init__(
@@ -225,13 +226,17 @@ class ResampledTrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.max_error_streak = max_error_streak
         self.epoch = 0
+        self._first_epoch: int | None = None
         self._iterations = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker = get_worker_info()
+        if self._first_epoch is None:
+            self._first_epoch = self.epoch
+        epoch = self._first_epoch + self._iterations
         self._iterations += 1
         worker_id = worker.id if worker else 0
-        rng = random.Random(wds.utils.make_seed(self.seed, self.rank, worker_id, self.epoch, self._iterations))
+        rng = random.Random(wds.utils.make_seed(self.seed, self.rank, worker_id, epoch))
         shard_rng, shuffle_rng, augment_rng = (random.Random(rng.getrandbits(64)) for _ in range(3))
         handler = _ErrorStreak(self.handler, self.max_error_streak)
         shards = (dict(url=shard_rng.choice(self.urls)) for _ in itertools.count())
@@ -375,17 +380,66 @@ class EvalStream(IterableDataset):
 
 
 class _EpochAwareLoader(wds.WebLoader):
-    """A WebLoader that tells its training stream the new epoch number when an epoch's first batch is asked for.
+    """A WebLoader that tells its training stream the new epoch number when an epoch's first batch is asked for,
+    and that resumes an interrupted epoch exactly.
 
     Counting happens lazily (not in ``__iter__``) because Lightning probes non-DataLoader loaders
     with a bare ``iter()`` before fitting.
+
+    Lightning saves :meth:`state_dict` in every checkpoint: the epoch being read and how many of its batches
+    were trained on (``batches_done()``, the training loop's count, since the loop prefetches one batch ahead).
+    :meth:`load_state_dict` makes the next epoch the interrupted one again and fast-forwards past the batches
+    already trained on: they are read and decoded again (the stream is only reproducible by replaying it), not
+    trained on. Each epoch's stream is a function of the epoch number alone, so the replay is exact.
     """
 
-    def __init__(self, dataset, stream: ResampledTrainStream, next_epoch: Callable[[], int], **kwargs):
+    def __init__(
+        self,
+        dataset,
+        stream: ResampledTrainStream,
+        next_epoch: Callable[[], int],
+        resume_epoch: Callable[[int], None],
+        batches_done: Callable[[], int | None],
+        steps: int,
+        **kwargs,
+    ):
         super().__init__(dataset, **kwargs)
         self._stream = stream
         self._next_epoch = next_epoch
+        self._resume_epoch = resume_epoch
+        self._batches_done = batches_done
+        self._steps = steps
+        self._epoch: int | None = None
+        self._yielded = 0
+        self._pending: tuple[int, int] | None = None
 
     def iterator1(self):
-        self._stream.epoch = self._next_epoch()
-        return super().iterator1()
+        if self._pending is not None:
+            epoch, skip = self._pending
+            self._pending = None
+            self._resume_epoch(epoch)
+        else:
+            epoch, skip = self._next_epoch(), 0
+        self._stream.epoch, self._epoch, self._yielded = epoch, epoch, 0
+        batches = super().iterator1()
+        for _ in range(skip):
+            next(batches)
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        done = self._batches_done()
+        return {"epoch": self._epoch, "batches_done": self._yielded if done is None else done, "steps": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done, steps = state.get("epoch"), int(state.get("batches_done", 0)), int(state.get("steps", self._steps))
+        if epoch is None or done <= 0 or done >= steps:
+            return
+        if steps != self._steps:
+            log.warning(
+                "the checkpoint was taken %d/%d batches into epoch %d with another epoch length (now %d batches): "
+                "starting a fresh epoch instead of replaying the interrupted one", done, steps, epoch, self._steps,
+            )
+            return
+        self._pending = (int(epoch), done)

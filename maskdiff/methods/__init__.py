@@ -8,4 +8,4 @@ from maskdiff.methods.mae import MAE
 from maskdiff.methods.mdt import MDT
 from maskdiff.methods.umd import UMD
 
-__all__ = ["DiT", "DiffMAE", "FineTune", "MAE", "MDT", "MaskDiffModule", "UMD"]
+__all__ = ["MAE", "MDT", "UMD", "DiT", "DiffMAE", "FineTune", "MaskDiffModule"]

@@ -17,6 +17,7 @@ from maskdiff.autoencoders.base import Autoencoder, PixelSpace
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corrupted, Corruption
 from maskdiff.inpainting.masks import as_pixel_mask, token_mask
+from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
 from maskdiff.objectives.base import Objective, ObjectiveOutput
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddpm import DDPMSampler
@@ -37,7 +38,7 @@ def _built_by_cli() -> bool:
     return _given_hyperparameters.get() is not None
 
 
-class MaskDiffModule(L.LightningModule):
+class MaskDiffModule(TrainingGuards, L.LightningModule):
     """A masked-autoencoding / diffusion method as a composition of shared parts.
 
     Args:
@@ -51,6 +52,9 @@ class MaskDiffModule(L.LightningModule):
         lr_scheduler: called with the optimizer; stepped every optimizer step.
         ema_decay: decay of the exponential moving average of the backbone (``None`` disables EMA).
         clip_x0: clamp x̂0 while sampling (1.0 for pixels in [-1, 1]; ``None`` for latents).
+        on_nonfinite: a non-finite loss or gradient ``stop``s the run before the optimizer step (the last
+            checkpoint stays good) or ``skip``s that step (:mod:`maskdiff.methods.guards`).
+        max_skipped_steps: with ``skip``, stop after this many skipped steps in a row.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class MaskDiffModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = 0.9999,
         clip_x0: float | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         super().__init__()
         components = ["backbone", "corruption", "objective", "sampler", "guidance", "autoencoder", "optimizer", "lr_scheduler"]
@@ -86,6 +92,7 @@ class MaskDiffModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.ema_decay = ema_decay
         self.clip_x0 = clip_x0
+        self.init_guards(on_nonfinite, max_skipped_steps)
         # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
         self.inputs_pre_encoded = False
         # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
@@ -148,8 +155,7 @@ class MaskDiffModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = self.unpack(batch)
         output = self.step_loss(images, labels)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(f"non-finite training loss {output.loss.item()} at step {self.global_step}")
+        self.note_loss(output.loss)
         self._log_step("train", output, images.shape[0])
         return output.loss
 
@@ -185,7 +191,10 @@ class MaskDiffModule(L.LightningModule):
         for ema_buffer, buffer in zip(self.ema_backbone.buffers(), self.backbone.buffers()):
             ema_buffer.copy_(buffer)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: both are done before any ``on_train_batch_end`` callback (such
+        as a periodic ``ModelCheckpoint``) sees the step, so a checkpoint's EMA matches its weights."""
+        super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
     def inference_backbone(self, use_ema: bool = True) -> Backbone:

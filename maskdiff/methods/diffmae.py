@@ -18,6 +18,7 @@ from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.masking import gather_tokens, masking_from_noise
 from maskdiff.corruption.noising import MaskedPatchNoise
 from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.guards import NonFiniteAction
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.diffusion import DiffusionLoss
 from maskdiff.samplers.base import Sampler
@@ -70,6 +71,8 @@ class DiffMAE(MaskDiffModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = None,
         clip_x0: float | None = 1.0,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         for method in ("encode_context", "decode_hidden"):
             if not callable(getattr(backbone, method, None)):
@@ -84,6 +87,8 @@ class DiffMAE(MaskDiffModule):
             lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
             clip_x0=clip_x0,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
         )
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.noising import GaussianNoise
 from maskdiff.methods.base import MaskDiffModule, default_optimizer
+from maskdiff.methods.guards import NonFiniteAction
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.diffusion import DiffusionLoss
 from maskdiff.samplers.base import Sampler
@@ -32,6 +33,8 @@ class DiT(MaskDiffModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = 0.9999,
         clip_x0: float | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         learn_sigma = getattr(backbone, "learn_sigma", True)
         super().__init__(
@@ -45,4 +48,6 @@ class DiT(MaskDiffModule):
             lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
             clip_x0=clip_x0,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
         )

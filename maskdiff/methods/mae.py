@@ -13,6 +13,7 @@ from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.masking import masking_from_noise, random_masking
 from maskdiff.corruption.noising import TokenMasking
 from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.guards import NonFiniteAction
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.reconstruction import MaskedReconstruction
 from maskdiff.samplers.base import Sampler
@@ -38,6 +39,8 @@ class MAE(MaskDiffModule):
         optimizer: OptimizerCallable = mae_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -47,6 +50,8 @@ class MAE(MaskDiffModule):
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
         )
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.noising import MaskedNoise
 from maskdiff.methods.base import MaskDiffModule, default_optimizer
+from maskdiff.methods.guards import NonFiniteAction
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.diffusion import DiffusionLoss
 from maskdiff.samplers.base import Sampler
@@ -36,6 +37,8 @@ class MDT(MaskDiffModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = 0.9999,
         clip_x0: float | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         learn_sigma = getattr(backbone, "learn_sigma", True)
         super().__init__(
@@ -49,4 +52,6 @@ class MDT(MaskDiffModule):
             lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
             clip_x0=clip_x0,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
         )

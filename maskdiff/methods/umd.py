@@ -16,6 +16,7 @@ from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.noising import UnifiedMaskedNoise
 from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.guards import NonFiniteAction
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.dual import DualPredictionLoss
 from maskdiff.samplers.base import Sampler
@@ -53,6 +54,8 @@ class UMD(MaskDiffModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = None,
         clip_x0: float | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
         init_from: str | None = None,
         init_weights: str = "ema",
     ) -> None:
@@ -69,6 +72,8 @@ class UMD(MaskDiffModule):
             lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
             clip_x0=clip_x0,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
         )
         self.init_from = init_from
         self.init_weights = init_weights

@@ -1,0 +1,107 @@
+"""Training-loop guards shared by every maskdiff LightningModule: step-keyed randomness and the non-finite guard.
+
+*Step-keyed randomness.* Before every training batch the global torch generator is reseeded from
+``(run seed, global rank, global step)``. Everything random in a step (noise, timesteps, masks, dropout, label
+drop) is then a function of the step alone: a run resumed from a checkpoint draws exactly what the uninterrupted
+run drew, under DDP too (where Lightning would give every rank the same seed), and no generator state has to be
+carried in checkpoints.
+
+*Non-finite guard.* After backward and before the optimizer step, the loss and the gradients are checked on every
+rank and the verdict is agreed over ranks (one boolean all-reduce), so all ranks act alike. ``"stop"`` raises
+:class:`FloatingPointError` naming the step before anything is written, so the last good checkpoint stays as it is;
+``"skip"`` drops the gradients (the optimizer leaves parameters and moments untouched; the learning-rate schedule
+still advances) and stops after ``max_skipped_steps`` skips in a row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+
+NonFiniteAction = Literal["stop", "skip"]
+
+
+def step_seed(run_seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for the training step ``step`` of rank ``rank`` in a run seeded with ``run_seed``."""
+    state = np.random.SeedSequence([run_seed & 0xFFFFFFFF, rank, step, 0x6D61736B]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def run_seed() -> int:
+    """The seed ``seed_everything`` set for this run (``PL_GLOBAL_SEED``), 0 when it was not called."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
+def check_nonfinite_options(on_nonfinite: str, max_skipped_steps: int) -> None:
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    if max_skipped_steps < 1:
+        raise ValueError(f"max_skipped_steps must be at least 1, got {max_skipped_steps}")
+
+
+class TrainingGuards(L.LightningModule):
+    """Mixin for LightningModules: step-keyed randomness and the non-finite guard (see the module docstring).
+
+    Subclasses set ``on_nonfinite`` and ``max_skipped_steps`` (via :meth:`init_guards`) and call
+    :meth:`note_loss` with each training loss.
+    """
+
+    on_nonfinite: NonFiniteAction = "stop"
+    max_skipped_steps: int = 20
+
+    def init_guards(self, on_nonfinite: NonFiniteAction, max_skipped_steps: int) -> None:
+        check_nonfinite_options(on_nonfinite, max_skipped_steps)
+        self.on_nonfinite = on_nonfinite
+        self.max_skipped_steps = max_skipped_steps
+        self._loss_finite = True
+        self._skipped_in_a_row = 0
+        self.skipped_steps = 0
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step))
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Remember whether this step's training loss is finite (checked with the gradients before stepping)."""
+        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self._last_loss = float(loss.detach().float()) if not self._loss_finite else None
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        loss_finite = getattr(self, "_loss_finite", True)
+        local_ok = loss_finite and self._gradients_finite()
+        strategy = self.trainer.strategy
+        all_ok = strategy.reduce_boolean_decision(local_ok, all=True) if self.trainer.world_size > 1 else local_ok
+        if all_ok:
+            self._skipped_in_a_row = 0
+            return
+        where = f"loss {self._last_loss}" if not loss_finite else "gradients" if not local_ok else "gradients on another rank"
+        step = f"optimizer step {self.global_step + 1} (global_step {self.global_step}, epoch {self.current_epoch})"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite {where} in {step}; stopped before the optimizer step, so no checkpoint holds it. "
+                "Resume from the last checkpoint, e.g. with a lower learning rate or gradient_clip_val, "
+                "or set on_nonfinite: skip"
+            )
+        self._skipped_in_a_row += 1
+        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        if self._skipped_in_a_row > self.max_skipped_steps:
+            raise FloatingPointError(
+                f"non-finite {where} in {step}: {self._skipped_in_a_row} steps in a row were skipped "
+                f"(max_skipped_steps {self.max_skipped_steps}); stopping, the last checkpoint holds the last good weights"
+            )
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        self.print(f"warning: non-finite {where} in {step}; skipped this optimizer step "
+                   f"({self._skipped_in_a_row} in a row, {self.skipped_steps} in all)")
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
