@@ -8,11 +8,17 @@
     maskdiff inpaint --ckpt runs/quickstart/checkpoints/last.ckpt --image digits:0 --mask_kind half --side left --out panel.png
     maskdiff evaluate --ckpt runs/quickstart/checkpoints/last.ckpt --num_samples 1000 --sampler ddim --steps 50 --out eval/quickstart
     maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
+    maskdiff preflight --config configs/dit/dit_xl2_imagenet256.yaml --config configs/trainer/slurm.yaml --ckpt_path last
+
+``fit`` runs the preflight (:mod:`maskdiff.launch.preflight`) itself inside a SLURM job, and resolves
+``--ckpt_path last`` to the newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` (:mod:`maskdiff.launch.resume`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -24,8 +30,8 @@ from lightning.pytorch.cli import LightningCLI
 from maskdiff.evaluation.evaluate import evaluate
 from maskdiff.evaluation.linear_probe import probe
 from maskdiff.inpainting.cli import inpaint
-
-NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
+from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
+from maskdiff.launch.resume import newest_resume_checkpoint
 
 
 class MaskDiffCLI(LightningCLI):
@@ -52,6 +58,39 @@ class MaskDiffCLI(LightningCLI):
             if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file or one of {NAMED_CHECKPOINTS})")
         super()._parse_ckpt_path()
+
+    def _subcommand_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building anything:
+        errors exit with code 2, warnings are printed."""
+        if self.subcommand != "fit":
+            return
+        config = self._subcommand_config()
+        if "SLURM_JOB_ID" in os.environ or LaunchConfig.from_config(config).slurm_plugin:
+            findings = run_preflight(config, launching=True)
+            if any(finding.severity == "error" for finding in findings):
+                sys.exit(2)
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
+        if self.config_init["fit"].get("ckpt_path") != "last":
+            return
+        newest = newest_resume_checkpoint(self.trainer)
+        if newest is not None:
+            self.config_init["fit"]["ckpt_path"] = str(newest)
+
+
+class PreflightCLI(MaskDiffCLI):
+    """``maskdiff preflight``: parse a ``fit`` command line, run the preflight, exit 0 (no errors) or 2."""
+
+    def _parse_ckpt_path(self) -> None:
+        """The preflight reports a missing checkpoint with the other problems and never loads one."""
+
+    def before_instantiate_classes(self) -> None:
+        findings = run_preflight(self._subcommand_config(), launching=False, stream=sys.stdout)
+        sys.exit(2 if any(finding.severity == "error" for finding in findings) else 0)
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -132,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``maskdiff`` console script; ``argv`` defaults to ``sys.argv[1:]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     _register_subcommand_tools()
+    if args and args[0] == "preflight":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            PreflightCLI(args=["fit", *args[1:]])
+        return
     if args and args[0] in TOOLS:
         component, positional = TOOLS[args[0]]
         CLI({args[0]: component}, args=args, as_positional=positional)
