@@ -1,7 +1,11 @@
-"""``maskdiff inpaint``: fill a masked region of one image from a checkpoint and write a comparison panel.
+"""``maskdiff inpaint``: fill a masked region of one image or video clip from a checkpoint and write a panel.
 
     maskdiff inpaint --ckpt runs/quickstart/checkpoints/last.ckpt --image digits:0 --mask_kind half --side left --out panel.png
     maskdiff inpaint --ckpt last.ckpt --image photo.png --mask mask.png --samples 4 --sampler ddim --steps 50 --out panel.png
+    maskdiff inpaint --ckpt runs/diffmae_digits/checkpoints/last.ckpt --compare_ckpt runs/mae_digits/checkpoints/last.ckpt \
+        --image digits:3 --mask_kind random --mask_ratio 0.75 --steps 100 --out mae_vs_diffmae.png
+    maskdiff inpaint --ckpt runs/diffmae_moving_digits/checkpoints/last.ckpt --video moving_digits:0 --mask_kind tube \
+        --mask_ratio 0.9 --samples 2 --steps 100 --out clip.gif          # also writes clip_strip.png
 """
 
 from __future__ import annotations
@@ -16,7 +20,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from maskdiff.inpainting.masks import fit_square, load_mask, make_mask, token_mask
+from maskdiff.callbacks.sample_grid import save_grid
+from maskdiff.inpainting.first_step import FirstStepSampler
+from maskdiff.inpainting.masks import (
+    MASK_KINDS,
+    check_ratio,
+    fit_square,
+    load_mask,
+    make_mask,
+    token_mask,
+)
+from maskdiff.inpainting.panels import label_width, labelled_panel, save_panel
+from maskdiff.inpainting.video import (
+    ANIMATION_SUFFIXES,
+    MOVING_DIGITS_PREFIX,
+    VIDEO_MASK_KINDS,
+    fit_clip,
+    inpaint_clip,
+    load_moving_digits_clip,
+    make_video_mask,
+    read_video_frames,
+    video_token_mask,
+    write_animation,
+)
+from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
 
 DIGITS_PREFIX = "digits:"
 PANEL_MIN_SIDE = 64
@@ -63,18 +90,63 @@ def upscale(images: torch.Tensor, min_side: int = PANEL_MIN_SIDE) -> torch.Tenso
     return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
+def model_label(module, ckpt: str, others: list[tuple[object, str]]) -> str:
+    """Row label of a model in a comparison: its method class, plus the checkpoint path when two share a class."""
+    name = type(module).__name__
+    return f"{name} ({ckpt})" if sum(type(other).__name__ == name for other, _ in others) > 1 else name
+
+
+def check_same_geometry(module, other, ckpt: str, compare_ckpt: str) -> None:
+    """Both models must take the same input and cut it into the same token grid, so one mask means the same to both."""
+    def geometry(method) -> tuple:
+        patchifier = method.patchifier
+        return (tuple(patchifier.sample_shape[1:]), patchifier.grid, method.autoencoder.downsample * patchifier.patch_size,
+                patchifier.tubelet)
+
+    if geometry(module) != geometry(other):
+        (shape, grid, pixels, tubelet), (other_shape, other_grid, other_pixels, other_tubelet) = geometry(module), geometry(other)
+        raise ValueError(
+            f"--compare_ckpt needs the same input and token grid as --ckpt so both see the same mask: {ckpt} takes "
+            f"{shape} inputs as a {grid} grid of {tubelet}x{pixels}x{pixels}-px tokens, {compare_ckpt} takes "
+            f"{other_shape} as a {other_grid} grid of {other_tubelet}x{other_pixels}x{other_pixels}-px tokens"
+        )
+
+
+def sampling_note(module, sampler: str, steps: int, seed: int, guidance, conditioned: bool) -> str:
+    if getattr(module.corruption, "schedule", None) is None:
+        return "one-step reconstruction (no sampler)"
+    used = guidance or module.guidance
+    cfg = f"cfg {used.scale}" if used is not None and used.active and conditioned else "no guidance"
+    chain = "first step (x̂0 at t = T-1)" if sampler == "first_step" else f"{sampler}-{steps}"
+    return f"{chain}, {cfg}, seed {seed}"
+
+
+def draws_for(module, samples: int) -> int:
+    """``samples``, or 1 for a deterministic (non-generative) method, with a note."""
+    if getattr(module.corruption, "schedule", None) is None and samples > 1:
+        print(f"note: {type(module).__name__} inpaints deterministically in one step; drawing 1 result, not {samples}",
+              file=sys.stderr)
+        return 1
+    return samples
+
+
 def inpaint(
     ckpt: str,
-    image: str,
-    out: str = "inpaint.png",
+    image: str | None = None,
+    video: str | None = None,
+    out: str | None = None,
+    compare_ckpt: str | None = None,
     mask: str | None = None,
-    mask_kind: Literal["random", "box", "half", "outpaint"] = "random",
-    mask_ratio: float = 0.5,
+    mask_kind: Literal["random", "box", "half", "outpaint", "tube", "future"] | None = None,
+    mask_ratio: float | None = None,
     box: list[float] | None = None,
     side: Literal["left", "right", "top", "bottom"] = "left",
+    future_frames: int | None = None,
+    start_frame: int = 0,
+    fps: int = 4,
     label: int | None = None,
     samples: int = 4,
-    sampler: Literal["ddpm", "ddim"] = "ddpm",
+    sampler: Literal["ddpm", "ddim", "first_step"] = "ddpm",
     steps: int = 250,
     eta: float = 0.0,
     cfg_scale: float | None = None,
@@ -82,39 +154,88 @@ def inpaint(
     weights: Literal["ema", "raw"] = "ema",
     device: str = "cpu",
 ) -> str:
-    """Inpaint one image and write a PNG panel: input | input with the masked region greyed | results.
+    """Inpaint one image (a PNG panel) or one video clip (an animated GIF/MP4 and a frame strip PNG).
 
-    The image is centre-cropped and resized to the model's input (patch grid side × patch size × autoencoder
-    downsample); a token is generated if any of its pixels is masked, and the known pixels are pasted back exactly.
+    Image: the panel is input | input with the masked region greyed | results. The image is centre-cropped and
+    resized to the model's input (patch grid side × patch size × autoencoder downsample); a token is generated if
+    any of its pixels is masked, and the known pixels are pasted back exactly.
+
+    Video (a model whose patchifier has frames, e.g. DiffMAE on moving digits): the clip's frames ``start_frame``
+    onwards are cut to the model's length and resized like images; the animation shows original | masked |
+    completed side by side, and ``<out stem>_strip.png`` has one row each for the original, the masked clip and
+    every completed sample, one column per frame. DiffMAE runs its encoder once on the known tubelets and the
+    reverse chain on the hidden ones; known pixels are kept exactly.
+
+    With ``compare_ckpt``, the same input and the same mask go through both checkpoints (e.g. MAE's one-step
+    reconstruction next to DiffMAE's samples), one labelled row (video: row block) per model.
 
     Args:
-        ckpt: maskdiff checkpoint (generative models sample RePaint-style; MAE fills the mask in one step).
+        ckpt: maskdiff checkpoint (generative models sample RePaint-style, DiffMAE natively; MAE fills the mask in
+            one step).
         image: an image file, or ``digits:IDX`` for the IDX-th digit of the embedded validation split.
-        out: PNG path of the panel.
-        mask: mask PNG, white (nonzero) = generate, of the image's size or aspect ratio; overrides ``mask_kind``.
-        mask_kind: ``random`` patches (aligned to the model's tokens), a ``box``, a ``half`` or an ``outpaint`` border.
-        mask_ratio: share of the image to generate for ``random``, a centred ``box`` and ``outpaint``, in (0, 1).
+        video: a video file (``.mp4``, ``.gif``, ...), a folder of frame images, or ``moving_digits:IDX`` for
+            validation video IDX of the moving-digits set. Exactly one of ``image`` and ``video``.
+        out: output path: a PNG panel for images (default ``inpaint.png``), a ``.gif`` or ``.mp4`` for video
+            (default ``inpaint.gif``).
+        compare_ckpt: a second checkpoint with the same input and token grid, run on the same input and mask.
+        mask: mask PNG, white (nonzero) = generate, of the image's (video: frames') size or aspect ratio; it
+            applies to every frame of a clip; overrides ``mask_kind``.
+        mask_kind: images: ``random`` patches (aligned to the model's tokens), a ``box``, a ``half`` or an
+            ``outpaint`` border (default ``random``); video: ``tube`` (default), ``random`` space-time tokens,
+            ``box``/``half``/``outpaint`` in every frame, or ``future`` (generate the last frames).
+        mask_ratio: share to generate for ``random``, ``tube``, a centred ``box`` and ``outpaint``, in (0, 1)
+            (default 0.5 for images, 0.9 for video).
         box: ``[x0, y0, x1, y1]`` as fractions of the side for ``box`` (e.g. ``--box [0.25,0.25,0.75,0.75]``).
         side: the half to generate for ``half``.
+        future_frames: frames to generate for ``future`` (default half the clip).
+        start_frame: first frame of the video to use.
+        fps: frame rate of the written animation.
         label: class to condition on (default: the digit's own label for ``digits:IDX``, else unconditional).
         samples: results to draw (one for deterministic methods such as MAE).
-        sampler: ``ddpm`` (ancestral, respaced) or ``ddim``.
-        steps: respaced sampling steps.
+        sampler: ``ddpm`` (ancestral, respaced), ``ddim``, or ``first_step`` (x̂0 from pure noise at t = T - 1 in
+            one call: a diffusion model's MAE-like reconstruction, :class:`FirstStepSampler`).
+        steps: respaced sampling steps (``ddpm``, ``ddim``).
         eta: DDIM η (0 = deterministic).
         cfg_scale: classifier-free guidance scale (1 = off); default: the guidance stored with the method, or none.
-        seed: seeds the random mask and the sampling noise.
+        seed: seeds the random mask and the sampling noise (the same for both checkpoints of a comparison).
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to run on.
     """
-    from maskdiff.callbacks.sample_grid import save_grid
     from maskdiff.checkpoints import load_method
-    from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
 
+    if (image is None) == (video is None):
+        raise ValueError("pass exactly one of --image (an image or digits:IDX) and --video (a clip, frames folder or moving_digits:IDX)")
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
+    if mask_ratio is not None:
+        check_ratio(mask_ratio)
     module = load_method(ckpt, map_location=device).to(device).eval()
-    if weights == "ema" and module.ema_backbone is None:
-        print(f"note: {ckpt} has no EMA weights; inpainting with the raw weights", file=sys.stderr)
+    models = [(module, ckpt)]
+    if compare_ckpt is not None:
+        other = load_method(compare_ckpt, map_location=device).to(device).eval()
+        check_same_geometry(module, other, ckpt, compare_ckpt)
+        models.append((other, compare_ckpt))
+    for model, path in models:
+        if weights == "ema" and model.ema_backbone is None:
+            print(f"note: {path} has no EMA weights; inpainting with the raw weights", file=sys.stderr)
+    chosen = {"ddpm": lambda: DDPMSampler(steps), "ddim": lambda: DDIMSampler(steps, eta), "first_step": FirstStepSampler}[sampler]()
+    settings = {"sampler_name": sampler, "chosen": chosen, "steps": steps, "seed": seed, "weights": weights}
+    if video is not None:
+        return inpaint_video(models, video, out or "inpaint.gif", mask, mask_kind or "tube",
+                             0.9 if mask_ratio is None else mask_ratio, box, side, future_frames, start_frame, fps,
+                             samples, cfg_scale, **settings)
+    return inpaint_image(models, image, out or "inpaint.png", mask, mask_kind or "random",
+                         0.5 if mask_ratio is None else mask_ratio, box, side, label, samples, cfg_scale, **settings)
+
+
+def inpaint_image(models, image, out, mask, mask_kind, mask_ratio, box, side, label, samples, cfg_scale, *,
+                  sampler_name, chosen, steps, seed, weights) -> str:
+    """The image half of :func:`inpaint`."""
+    module, ckpt = models[0]
+    if module.patchifier.frames is not None:
+        raise ValueError(f"{ckpt} is a video model (input {tuple(module.patchifier.sample_shape)}); pass the clip with --video")
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {mask_kind!r} is for video; images take one of {', '.join(MASK_KINDS)}")
     token_pixels = module.autoencoder.downsample * module.patchifier.patch_size
     size = module.patchifier.input_size * module.autoencoder.downsample
     channels = module.patchifier.channels if module.autoencoder.latent_channels is None else 3
@@ -129,36 +250,101 @@ def inpaint(
                   "half": side, "outpaint": f"ratio {mask_ratio}"}[mask_kind]
         described_mask = f"{mask_kind} mask ({detail})"
     tokens = token_mask(pixel_mask[None], token_pixels)
-
     label = own_label if label is None else label
-    if module.conditional and label is not None and not 0 <= label < module.backbone.num_classes:
-        raise ValueError(f"label {label} is outside [0, {module.backbone.num_classes}) for this model")
-    conditioned = module.conditional and label is not None
-    generative = getattr(module.corruption, "schedule", None) is not None
-    if not generative and samples > 1:
-        print(f"note: {type(module).__name__} inpaints deterministically in one step; drawing 1 result, not {samples}",
-              file=sys.stderr)
-        samples = 1
-    chosen = DDIMSampler(steps, eta) if sampler == "ddim" else DDPMSampler(steps)
     guidance = None if cfg_scale is None else ClassifierFreeGuidance(cfg_scale)
-    results = module.inpaint(
-        picture.expand(samples, -1, -1, -1), pixel_mask, torch.full((samples,), label) if conditioned else None,
-        sampler=chosen, guidance=guidance, generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema",
-    ).cpu()
 
+    rows, notes = [], []
     greyed = torch.where(pixel_mask, torch.zeros_like(picture), picture)
-    panel = torch.cat([picture[None], greyed[None], results])
-    path = save_grid(upscale(panel), out, per_row=len(panel))
-    if generative:
-        used = guidance or module.guidance
-        cfg = f"cfg {used.scale}" if used is not None and used.active and conditioned else "no guidance"
-        how = f"{sampler}-{steps}, {cfg}, seed {seed}"
+    for model, path in models:
+        if model.conditional and label is not None and not 0 <= label < model.backbone.num_classes:
+            raise ValueError(f"label {label} is outside [0, {model.backbone.num_classes}) for {path}")
+        conditioned = model.conditional and label is not None
+        draws = draws_for(model, samples)
+        results = model.inpaint(
+            picture.expand(draws, -1, -1, -1), pixel_mask, torch.full((draws,), label) if conditioned else None,
+            sampler=chosen, guidance=guidance, generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema",
+        ).cpu()
+        rows.append((model_label(model, path, models), torch.cat([picture[None], greyed[None], results])))
+        notes.append(f"{type(model).__name__}: {'label ' + str(label) if conditioned else 'unconditional'}, {draws} result(s), "
+                     f"{sampling_note(model, sampler_name, steps, seed, guidance, conditioned)}")
+    if len(rows) == 1:
+        path = save_grid(upscale(rows[0][1]), out, per_row=len(rows[0][1]))
     else:
-        how = "one-step reconstruction (no sampler)"
+        path = save_panel([(name, upscale(tiles)) for name, tiles in rows], out, per_row=max(len(t) for _, t in rows))
     print(
-        f"wrote {path}: {type(module).__name__} inpainting of {image} at {size}x{size}, "
-        f"{'label ' + str(label) if conditioned else 'unconditional'}, {described_mask}: "
+        f"wrote {path}: inpainting of {image} at {size}x{size}, {described_mask}: "
         f"{pixel_mask.float().mean().item():.1%} of pixels masked, {int(tokens.sum())}/{tokens.numel()} tokens generated; "
-        f"{samples} result(s), {how}, {weights} weights"
+        f"{'; '.join(notes)}; {weights} weights"
+    )
+    return str(path)
+
+
+def inpaint_video(models, video, out, mask, mask_kind, mask_ratio, box, side, future_frames, start_frame, fps, samples,
+                  cfg_scale, *, sampler_name, chosen, steps, seed, weights) -> str:
+    """The video half of :func:`inpaint`."""
+    module, ckpt = models[0]
+    patchifier = module.patchifier
+    if patchifier.frames is None:
+        raise ValueError(f"{ckpt} is an image model (input {tuple(patchifier.sample_shape)}, no frames); --video needs "
+                         "a video model such as DiffMAE trained with configs/diffmae/diffmae_moving_digits.yaml")
+    if Path(out).suffix.lower() not in ANIMATION_SUFFIXES:
+        raise ValueError(f"video output {out} must end in {' or '.join(ANIMATION_SUFFIXES)}")
+    if mask_kind not in VIDEO_MASK_KINDS:
+        raise ValueError(f"unknown video mask kind {mask_kind!r}; expected one of {', '.join(VIDEO_MASK_KINDS)}")
+    if cfg_scale is not None:
+        print("note: video inpainting is unconditional; --cfg_scale is ignored", file=sys.stderr)
+    num_frames, tubelet = patchifier.frames, patchifier.tubelet
+    token_pixels = module.autoencoder.downsample * patchifier.patch_size
+    size = patchifier.input_size * module.autoencoder.downsample
+    channels = patchifier.channels if module.autoencoder.latent_channels is None else 3
+    if video.startswith(MOVING_DIGITS_PREFIX):
+        raw, own_label = load_moving_digits_clip(video, start_frame + num_frames)
+        source = f"{video} (label {own_label})"
+    else:
+        raw, source = read_video_frames(video, channels), video
+    clip = fit_clip(raw, num_frames, size, channels, start_frame, tubelet)
+    if mask is not None:
+        pixel_mask = load_mask(mask, size, (raw.shape[2], raw.shape[1])).expand(num_frames, -1, -1).clone()
+        described_mask = f"mask {mask} in every frame"
+    else:
+        pixel_mask = make_video_mask(mask_kind, num_frames, size, tubelet, token_pixels, mask_ratio,
+                                     None if box is None else tuple(box), side, future_frames,
+                                     torch.Generator().manual_seed(seed))
+        detail = f"last {int(pixel_mask.flatten(1).any(1).sum())} frames" if mask_kind == "future" else f"ratio {mask_ratio}"
+        described_mask = f"{mask_kind} mask ({detail})"
+    tokens = video_token_mask(pixel_mask, tubelet, token_pixels)
+
+    greyed = torch.where(pixel_mask, torch.zeros_like(clip), clip)
+    blocks, notes = [], []
+    for model, path in models:
+        draws = draws_for(model, samples)
+        results = inpaint_clip(model, clip, pixel_mask, draws, chosen, torch.Generator().manual_seed(seed),
+                               weights == "ema")
+        name = model_label(model, path, models)
+        blocks.append((name, results))
+        notes.append(f"{name}: {draws} result(s), {sampling_note(model, sampler_name, steps, seed, None, False)}")
+
+    def frames_of(clips: torch.Tensor) -> torch.Tensor:
+        return upscale(clips.transpose(0, 1))  # (C, F, S, S) -> (F, C, S', S')
+
+    strip_rows = [("original", frames_of(clip)), ("masked", frames_of(greyed))]
+    for name, results in blocks:
+        strip_rows += [(f"{name} #{k + 1}", frames_of(result)) for k, result in enumerate(results)]
+    strip = save_panel(strip_rows, Path(out).with_name(f"{Path(out).stem}_strip.png"), per_row=num_frames)
+
+    per_row = 2 + max(len(results) for _, results in blocks)
+    margin = label_width([name for name, _ in blocks])
+    moving = [(name, [frames_of(clip), frames_of(greyed)] + [frames_of(result) for result in results])
+              for name, results in blocks]
+    animation = [
+        np.asarray(labelled_panel([(name, torch.stack([part[t] for part in parts])) for name, parts in moving],
+                                  per_row, margin))
+        for t in range(num_frames)
+    ]
+    path = write_animation(np.stack(animation), out, fps)
+    print(
+        f"wrote {path} and {strip}: inpainting of {source}, {num_frames} frames at {size}x{size} (tubelet {tubelet}), "
+        f"{described_mask}: {pixel_mask.float().mean().item():.1%} of pixels masked, "
+        f"{int(tokens.sum())}/{tokens.numel()} tokens generated; {'; '.join(notes)}; {weights} weights"
     )
     return str(path)
