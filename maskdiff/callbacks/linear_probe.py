@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
-from maskdiff.evaluation.features import FeatureSpec, backbone_features, default_pooling, resolve_spec
+from maskdiff.evaluation.features import (
+    FeatureSpec,
+    backbone_features,
+    default_pooling,
+    resolve_spec,
+)
 from maskdiff.evaluation.linear_probe import linear_head
 
 
@@ -18,7 +23,8 @@ class OnlineLinearProbe(L.Callback):
     """Trains ``BatchNorm1d(affine=False) + Linear`` on the live backbone's features and logs held-out accuracy.
 
     Every ``every_n_steps``-th training batch, the callback runs its own forward of the live (raw) backbone in eval
-    mode under ``torch.no_grad()`` and a forked RNG on the batch's clean inputs (``batch_tokens``, the same
+    mode under ``torch.no_grad()`` and a forked RNG on the batch's clean, unmasked inputs (``batch_tokens``; images
+    or video clips; for MAE and DiffMAE the encoder alone, no decoder and no noise; the same
     :class:`~maskdiff.evaluation.FeatureSpec` as ``maskdiff probe``), then steps its head with its own SGD
     (momentum 0.9). The method's gradients, optimizer state, EMA and random stream are left as they were; the head
     lives outside the LightningModule (not in its state dict, EMA or DDP wrapper). Under DDP the head's gradients and
@@ -110,7 +116,8 @@ class OnlineLinearProbe(L.Callback):
 
     # ------------------------------------------------------------------------------------------ features
     def features(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
-        """Detached float32 features ``(B, D)`` of ``images (B, C, H, W)`` from the live backbone in eval mode."""
+        """Detached float32 features ``(B, D)`` of ``images (B, C, H, W)`` or clips ``(B, C, T, H, W)`` (video
+        backbones: pooled over space and time) from the live backbone in eval mode."""
         backbone = pl_module.backbone
         devices = [images.device] if images.device.type == "cuda" else []
         was_training = backbone.training

@@ -112,8 +112,9 @@ def pool_tokens(features: torch.Tensor, pooling: Pooling, num_prefix_tokens: int
 
 
 def images_to_tokens(module_or_backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A data batch ``(B, C, H, W)`` -> tokens ``(B, N, P)``: the method's ``batch_tokens`` (images through the
-    autoencoder, pre-encoded latents as they are) or ``to_tokens``, or a bare backbone's patchifier."""
+    """A data batch ``(B, C, H, W)`` (video: ``(B, C, T, H, W)``) -> tokens ``(B, N, P)``: the method's
+    ``batch_tokens`` (images through the autoencoder, pre-encoded latents as they are) or ``to_tokens``, or a bare
+    backbone's patchifier."""
     for name in ("batch_tokens", "to_tokens"):
         if hasattr(module_or_backbone, name):
             return getattr(module_or_backbone, name)(images)
@@ -131,7 +132,8 @@ def backbone_features(backbone: Backbone, tokens: torch.Tensor, spec: FeatureSpe
 
 @torch.no_grad()
 def extract_features(module_or_backbone: nn.Module, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
-    """Frozen pooled features ``(B, D)`` (float32) of ``images (B, C, H, W)``, with the backbone in eval mode.
+    """Frozen pooled features ``(B, D)`` (float32) of ``images (B, C, H, W)`` or clips ``(B, C, T, H, W)`` (``mean``
+    pools a video backbone's tokens over space and time), with the backbone in eval mode.
 
     ``module_or_backbone`` is a maskdiff method (its ``to_tokens`` and ``inference_backbone(spec.use_ema)`` are used)
     or a bare backbone (its patchifier is used). The backbone's train/eval mode is restored afterwards.

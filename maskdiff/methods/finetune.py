@@ -13,6 +13,13 @@ numbers parameters as MAE's ``param_groups_lrd`` does: embeddings and tokens (to
 or ``token``) are layer 0, encoder block ``i`` (``blocks.i``; MDTv2 ``en_inblocks.i`` then ``en_outblocks.i``) is
 layer ``i + 1``, everything else (final norm, ``fc_norm``, head) is the last layer. A group's lr is the optimizer's
 lr × ``layer_decay ** (last - layer)``; its ``lr_scale`` is kept in the group.
+
+Video: when the backbone's patchifier has ``frames`` (a DiffMAE or MAE video backbone), batches are clips
+``(B, C, T, H, W)``, and the head reads the encoder's space-time tubelet tokens averaged over space and time (``mean``,
+the MAE-ST / VideoMAE fine-tuning head) or its cls token (``cls``). Mixup and CutMix work per clip: frames are folded
+into channels so every frame of a clip gets the same mixing weight and the same CutMix box (as MAE-ST's video mixup).
+Evaluation sees one clip per sample (single view); a data module that yields several views per video,
+``(B, V, C, T, H, W)``, is scored by the mean of the views' softmax (MAE-ST's multi-view testing).
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ from maskdiff.evaluation.features import (
     resolve_spec,
 )
 from maskdiff.methods.base import _built_by_cli
+from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
 
 BLOCK_NAME = re.compile(r"^(blocks|en_inblocks|en_outblocks)\.(\d+)\.")
 LAST_LAYER = math.inf
+# timm ViT's ``no_weight_decay`` (MAE's main_finetune passes it to param_groups_lrd): no decay on cls/pos tokens.
+FINETUNE_NO_DECAY = frozenset({"cls_token", "pos_embed", "dist_token"})
 
 
 def default_finetune_optimizer(params) -> torch.optim.Optimizer:
@@ -84,14 +94,15 @@ def set_drop_path(backbone: Backbone, rate: float) -> None:
         block.drop_path2 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
 
 
-class FineTune(L.LightningModule):
+class FineTune(TrainingGuards, L.LightningModule):
     """Fine-tune a pre-trained maskdiff backbone for classification: features -> pooling -> linear head.
 
     Args:
         ckpt: maskdiff checkpoint to take the backbone (and its autoencoder) from; read in ``configure_model``.
         num_classes: classes of the head; default the data module's ``num_classes`` (saved with the run).
-        pooling: ``mean``: all blocks without the final norm, mean of the patch tokens, then a new ``fc_norm``
-            LayerNorm (MAE's ``--global_pool``); ``cls``: all blocks + final norm, first token (needs a cls token).
+        pooling: ``mean``: all blocks without the final norm, mean of the patch tokens (video: of all space-time
+            tokens), then a new ``fc_norm`` LayerNorm (MAE's ``--global_pool``, MAE-ST's video head); ``cls``: all
+            blocks + final norm, first token (needs a cls token).
         timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
         weights: ``ema`` or ``raw`` weights of the checkpoint (``ema`` falls back to raw when there is none).
         drop_path_rate: stochastic depth of the last encoder block (linear from 0); backbones whose blocks have no
@@ -99,9 +110,11 @@ class FineTune(L.LightningModule):
         layer_decay: layer-wise lr decay (1 = off; MAE ViT-B 0.65, ViT-L 0.75).
         mixup, cutmix: timm ``Mixup`` alphas (0 = off); with either on, the loss is soft-target cross-entropy.
         label_smoothing: label smoothing (inside Mixup's soft targets when mixing, else ``LabelSmoothingCrossEntropy``).
+        head_dropout: dropout on the pooled features before the head (MAE-ST's Kinetics fine-tune: 0.3; 0 = off).
         optimizer: called with the parameter groups (default AdamW lr 1e-3, wd 0.05); 1-D parameters and the
-            backbone's ``no_weight_decay`` get no weight decay.
+            backbone's ``no_weight_decay``, cls and position tokens get no weight decay.
         lr_scheduler: called with the optimizer; stepped every optimizer step.
+        on_nonfinite, max_skipped_steps: the non-finite guard, as for every method (:mod:`maskdiff.methods.guards`).
     """
 
     def __init__(
@@ -116,11 +129,15 @@ class FineTune(L.LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         label_smoothing: float = 0.0,
+        head_dropout: float = 0.0,
         optimizer: OptimizerCallable = default_finetune_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        on_nonfinite: NonFiniteAction = "stop",
+        max_skipped_steps: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=None if _built_by_cli() else ["optimizer", "lr_scheduler"])
+        self.init_guards(on_nonfinite, max_skipped_steps)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of mean, cls")
         if weights not in ("ema", "raw"):
@@ -131,6 +148,8 @@ class FineTune(L.LightningModule):
             raise ValueError(f"layer_decay {layer_decay} is outside (0, 1]; 1 disables layer-wise decay")
         if mixup < 0 or cutmix < 0 or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"need mixup >= 0, cutmix >= 0 and label_smoothing in [0, 1), got {mixup}, {cutmix}, {label_smoothing}")
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout {head_dropout} is outside [0, 1)")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.ckpt = ckpt
@@ -143,6 +162,7 @@ class FineTune(L.LightningModule):
         self.mixup_alpha = mixup
         self.cutmix_alpha = cutmix
         self.label_smoothing = label_smoothing
+        self.head_dropout = head_dropout
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.backbone: Backbone | None = None
@@ -182,6 +202,7 @@ class FineTune(L.LightningModule):
         feature_dim = self._freeze_unused(backbone)
         self.backbone = backbone.train()
         self.fc_norm = nn.LayerNorm(feature_dim, eps=1e-6) if self.pooling == "mean" else nn.Identity()
+        self.head_drop = nn.Dropout(self.head_dropout)
         self.head = nn.Linear(feature_dim, self.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
@@ -198,9 +219,23 @@ class FineTune(L.LightningModule):
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    @property
+    def is_video(self) -> bool:
+        """Whether the backbone takes clips ``(B, C, T, H, W)`` (its patchifier has ``frames``)."""
+        return self.patchifier.frames is not None
+
     def _check_data(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+        if datamodule is not None:
+            data_frames, model_frames = getattr(datamodule, "num_frames", None), self.patchifier.frames
+            data_kind = f"clips of {data_frames} frames" if data_frames is not None else "images"
+            if model_frames is None and data_frames is not None:
+                raise ValueError(f"{type(datamodule).__name__} gives {data_kind}, but the backbone of {self.ckpt} "
+                                 "takes images (B, C, H, W); fine-tune a video checkpoint (a backbone with num_frames)")
+            if model_frames is not None and data_frames != model_frames:
+                raise ValueError(f"{type(datamodule).__name__} gives {data_kind}, but the backbone of {self.ckpt} "
+                                 f"takes clips (B, C, T, H, W) of T = {model_frames} frames; set data num_frames {model_frames}")
         down = self.autoencoder.downsample
         if size is not None and size // down != self.patchifier.input_size:
             raise ValueError(f"data image_size {size} gives inputs of side {size // down} (autoencoder downsample {down}), "
@@ -224,34 +259,66 @@ class FineTune(L.LightningModule):
         return features.shape[-1]
 
     # ------------------------------------------------------------------------------------------ steps
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> logits ``(B, num_classes)``."""
-        tokens = images_to_tokens(self, images)
-        return self.head(self.fc_norm(backbone_features(self.backbone, tokens, self.spec)))
+    def check_inputs(self, inputs: torch.Tensor) -> None:
+        """Refuse clips given to an image backbone and images given to a video backbone, naming both shapes."""
+        if self.is_video and inputs.ndim != 5:
+            raise ValueError(f"the backbone of {self.ckpt} takes clips (B, C, T, H, W) = (B, "
+                             f"{', '.join(map(str, self.patchifier.sample_shape))}), got a batch of shape {tuple(inputs.shape)}")
+        if not self.is_video and inputs.ndim != 4:
+            raise ValueError(f"the backbone of {self.ckpt} takes images (B, C, H, W), got a batch of shape "
+                             f"{tuple(inputs.shape)}; clips (B, C, T, H, W) need a video checkpoint (a backbone with num_frames)")
 
-    def to_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> autoencoder -> patch tokens ``(B, N, P)``."""
-        return self.patchifier.patchify(self.autoencoder.encode(images))
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)`` -> pooled, normed features ``(B, D)``."""
+        self.check_inputs(inputs)
+        tokens = images_to_tokens(self, inputs)
+        return self.fc_norm(backbone_features(self.backbone, tokens, self.spec))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)`` -> logits ``(B, num_classes)``."""
+        return self.head(self.head_drop(self.features(inputs)))
+
+    def to_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images or clips -> autoencoder -> patch tokens ``(B, N, P)``."""
+        return self.patchifier.patchify(self.autoencoder.encode(inputs))
+
+    def evaluation_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``; views of a clip ``(B, V, C, T, H, W)`` (video backbones) are averaged in
+        probability and the log of the mean softmax is returned."""
+        if self.is_video and inputs.ndim == 6:
+            probabilities = self(inputs.flatten(0, 1)).float().softmax(dim=-1)
+            return probabilities.unflatten(0, inputs.shape[:2]).mean(dim=1).log()
+        return self(inputs)
+
+    def mix(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm Mixup/CutMix of a batch -> (mixed inputs, soft targets ``(B, num_classes)``); a clip's frames are
+        folded into its channels, so all of them share one mixing weight and one CutMix box."""
+        if inputs.shape[0] % 2:
+            raise ValueError(f"mixup/cutmix pair each sample with another and need an even batch size, got {inputs.shape[0]}")
+        if inputs.ndim != 5:
+            return self.mixup_fn(inputs, labels)
+        b, c, t, h, w = inputs.shape
+        mixed, targets = self.mixup_fn(inputs.reshape(b, c * t, h, w), labels)
+        return mixed.reshape(b, c, t, h, w), targets
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch[0], batch[1].long()
+        inputs, labels = batch[0], batch[1].long()
         targets = labels
         if self.mixup_fn is not None:
-            images, targets = self.mixup_fn(images, labels)
-        loss = self.criterion(self(images), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+            inputs, targets = self.mix(inputs, labels)
+        loss = self.criterion(self(inputs), targets)
+        self.note_loss(loss)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=inputs.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels = batch[0], batch[1].long()
-        if images.shape[0] == 0:
+        inputs, labels = batch[0], batch[1].long()
+        if inputs.shape[0] == 0:
             return
-        logits = self(images)
+        logits = self.evaluation_logits(inputs)
         self.val_top1.update(logits, labels)
         self.val_top5.update(logits, labels)
-        self.log("val/loss", nn.functional.cross_entropy(logits.float(), labels), sync_dist=True, batch_size=images.shape[0])
+        self.log("val/loss", nn.functional.cross_entropy(logits.float(), labels), sync_dist=True, batch_size=inputs.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/top1", self.val_top1.compute(), prog_bar=True, sync_dist=True)
@@ -270,8 +337,10 @@ class FineTune(L.LightningModule):
         return layer
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """timm layer-decay groups; decayed groups drop their ``weight_decay`` so the optimizer's own applies."""
-        no_decay = [f"backbone.{name}" for name in self.backbone.no_weight_decay()]
+        """timm layer-decay groups; decayed groups drop their ``weight_decay`` so the optimizer's own applies. No decay
+        for 1-D parameters, the backbone's ``no_weight_decay`` and the cls/position tokens (as MAE's fine-tune)."""
+        names = self.backbone.no_weight_decay() | FINETUNE_NO_DECAY
+        no_decay = [f"backbone.{name}" for name in names]
         groups = param_groups_layer_decay(self, weight_decay=1.0, no_weight_decay_list=no_decay, layer_decay=self.layer_decay)
         for group in groups:
             if group["weight_decay"] != 0.0:

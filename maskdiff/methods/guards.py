@@ -1,6 +1,6 @@
 """Training-loop guards shared by every maskdiff LightningModule: step-keyed randomness and the non-finite guard.
 
-*Step-keyed randomness.* Before every training batch the global torch generator is reseeded from
+*Step-keyed randomness.* Before every training batch the global torch, numpy and ``random`` generators are reseeded from
 ``(run seed, global rank, global step)``. Everything random in a step (noise, timesteps, masks, dropout, label
 drop) is then a function of the step alone: a run resumed from a checkpoint draws exactly what the uninterrupted
 run drew, under DDP too (where Lightning would give every rank the same seed), and no generator state has to be
@@ -16,6 +16,7 @@ still advances) and stops after ``max_skipped_steps`` skips in a row.
 from __future__ import annotations
 
 import os
+import random
 from typing import Literal
 
 import lightning as L
@@ -62,7 +63,10 @@ class TrainingGuards(L.LightningModule):
         self.skipped_steps = 0
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step))
+        seed = step_seed(run_seed(), self.global_rank, self.global_step)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy and random
+        random.seed(seed)
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Remember whether this step's training loss is finite (checked with the gradients before stepping)."""

@@ -91,3 +91,33 @@ def test_online_probe_needs_labels_and_classes():
         OnlineLinearProbe._split(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         OnlineLinearProbe(every_n_steps=0)
+
+
+def test_online_probe_of_a_diffmae_method_reads_the_clean_unmasked_encoder(tmp_path, digits_cache):
+    from maskdiff.backbones import DiffMAE as DiffMAEBackbone
+    from maskdiff.methods import DiffMAE
+
+    L.seed_everything(0)
+    backbone = DiffMAEBackbone(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                               decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)
+    method = DiffMAE(backbone=backbone)
+    probe = OnlineLinearProbe(lr=0.1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=STEPS, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[probe],
+    )
+    datamodule = DigitsDataModule(image_size=8, batch_size=32)
+    trainer.fit(method, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["probe/top1"]) <= float(metrics["probe/top5"]) <= 1.0
+    assert torch.isfinite(metrics["probe/train_loss"])
+    assert probe.protocol()["pooling"] == "cls" and probe.protocol()["timestep"] is None  # DiffMAE's encoder: no t
+
+    images = next(iter(datamodule.val_dataloader()))[0][:4]
+    method.backbone.eval()
+    with torch.no_grad():
+        expected = method.backbone.forward_features(method.batch_tokens(images))[:, 0]
+    method.backbone.train()
+    torch.testing.assert_close(probe.features(trainer, method, images), expected)
+    assert method.backbone.training  # the probe restores the train mode
