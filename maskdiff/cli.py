@@ -55,8 +55,11 @@ class MaskDiffCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             ckpt_path = self.config[subcommand].get("ckpt_path")
-            if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and not Path(ckpt_path).is_file():
-                raise FileNotFoundError(f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file or one of {NAMED_CHECKPOINTS})")
+            if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and not Path(ckpt_path).exists():
+                raise FileNotFoundError(
+                    f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file, a sharded FSDP "
+                    f"checkpoint directory, or one of {NAMED_CHECKPOINTS})"
+                )
         super()._parse_ckpt_path()
 
     def _subcommand_config(self):

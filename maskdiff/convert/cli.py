@@ -1,4 +1,5 @@
-"""``maskdiff convert <family> SRC OUT``: official weights -> a maskdiff checkpoint that ``sample`` can use."""
+"""``maskdiff convert <family> SRC OUT``: official weights (or a sharded FSDP checkpoint) -> a maskdiff checkpoint that
+``sample`` can use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from maskdiff.checkpoints import require_file, write_method_checkpoint
 from maskdiff.convert.dit import convert_dit_state_dict
+from maskdiff.convert.fsdp import fsdp
 
 
 def generative_init_args(backbone_class: str, backbone_config: dict, guidance: dict, vae: str | None, vae_scale_factor: float) -> dict:
@@ -142,4 +144,4 @@ def mae(
     return str(path)
 
 
-CONVERTERS = {"dit": dit, "mdt": mdt, "mae": mae}
+CONVERTERS = {"dit": dit, "mdt": mdt, "mae": mae, "fsdp": fsdp}

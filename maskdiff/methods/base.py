@@ -23,6 +23,7 @@ from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddpm import DDPMSampler
 from maskdiff.samplers.denoiser import Denoiser
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
+from maskdiff.scale.compile import check_compile_kwargs, compile_in_place
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -55,6 +56,9 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         on_nonfinite: a non-finite loss or gradient ``stop``s the run before the optimizer step (the last
             checkpoint stays good) or ``skip``s that step (:mod:`maskdiff.methods.guards`).
         max_skipped_steps: with ``skip``, stop after this many skipped steps in a row.
+        compile_backbone: ``torch.compile`` the backbone (only it: not the EMA copy, the autoencoder or this
+            module) in :meth:`configure_model`, when a trainer runs the model; state-dict keys stay the same.
+        compile_kwargs: :func:`torch.compile` options, e.g. ``{mode: max-autotune}`` or ``{backend: aot_eager}``.
     """
 
     def __init__(
@@ -71,6 +75,8 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         clip_x0: float | None = None,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         components = ["backbone", "corruption", "objective", "sampler", "guidance", "autoencoder", "optimizer", "lr_scheduler"]
@@ -93,6 +99,8 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         self.ema_decay = ema_decay
         self.clip_x0 = clip_x0
         self.init_guards(on_nonfinite, max_skipped_steps)
+        self.compile_backbone = compile_backbone
+        self.compile_kwargs = check_compile_kwargs(compile_kwargs)
         # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
         self.inputs_pre_encoded = False
         # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
@@ -286,6 +294,24 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         return torch.where(pixel_mask, generated, images)
 
     # ------------------------------------------------------------------------------------------ setup & optim
+    def configure_model(self) -> None:
+        """Compile the backbone when ``compile_backbone`` is set and a trainer runs the model (``load_from_checkpoint``
+        and the tools have none, so they stay eager), and fix which parameters are weight-decayed while they still
+        have their shapes and names (FSDP flattens and renames them before ``configure_optimizers``). Subclasses
+        that override this hook call ``super()``."""
+        if self._trainer is None:
+            return
+        if self.compile_backbone:
+            compile_in_place(self.backbone, **self.compile_kwargs)
+        if getattr(self, "_weight_decayed", None) is None:
+            self._weight_decayed = self.weight_decayed()
+
+    def weight_decayed(self) -> dict[int, bool]:
+        """``id(parameter) -> decayed`` for the trainable parameters: no decay for 1-D ones and ``no_weight_decay``."""
+        no_decay_names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        return {id(param): param.ndim > 1 and name not in no_decay_names
+                for name, param in self.named_parameters() if param.requires_grad}
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
@@ -320,12 +346,11 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
             raise ValueError(f"the data has {classes} classes but the backbone was built for num_classes {self.backbone.num_classes}")
 
     def configure_optimizers(self):
-        no_decay_names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        decayed = {**self.weight_decayed(), **(getattr(self, "_weight_decayed", None) or {})}
         decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim <= 1 or name in no_decay_names else decay).append(param)
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if decayed[id(param)] else no_decay).append(param)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -334,7 +359,10 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture with one message naming the first mismatch."""
+        """Refuse a checkpoint of another architecture with one message naming the first mismatch. FSDP
+        checkpoints carry no ``state_dict`` here (the strategy loads the weights itself, strictly)."""
+        if "state_dict" not in checkpoint:
+            return
         expected = self.state_dict()
         saved = checkpoint.get("state_dict", {})
         missing = sorted(set(expected) - set(saved))

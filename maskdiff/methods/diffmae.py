@@ -7,6 +7,8 @@ known tokens and the reverse chain runs on the hidden tokens only (:meth:`DiffMA
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -73,6 +75,8 @@ class DiffMAE(MaskDiffModule):
         clip_x0: float | None = 1.0,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         for method in ("encode_context", "decode_hidden"):
             if not callable(getattr(backbone, method, None)):
@@ -89,6 +93,8 @@ class DiffMAE(MaskDiffModule):
             clip_x0=clip_x0,
             on_nonfinite=on_nonfinite,
             max_skipped_steps=max_skipped_steps,
+            compile_backbone=compile_backbone,
+            compile_kwargs=compile_kwargs,
         )
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
@@ -41,6 +43,8 @@ class MAE(MaskDiffModule):
         ema_decay: float | None = None,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -52,6 +56,8 @@ class MAE(MaskDiffModule):
             ema_decay=ema_decay,
             on_nonfinite=on_nonfinite,
             max_skipped_steps=max_skipped_steps,
+            compile_backbone=compile_backbone,
+            compile_kwargs=compile_kwargs,
         )
 
     @torch.no_grad()

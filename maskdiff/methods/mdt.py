@@ -5,6 +5,8 @@ At inference the backbone runs unmasked (no side-interpolater); guidance default
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from maskdiff.autoencoders.base import Autoencoder
@@ -39,6 +41,8 @@ class MDT(MaskDiffModule):
         clip_x0: float | None = None,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         learn_sigma = getattr(backbone, "learn_sigma", True)
         super().__init__(
@@ -54,4 +58,6 @@ class MDT(MaskDiffModule):
             clip_x0=clip_x0,
             on_nonfinite=on_nonfinite,
             max_skipped_steps=max_skipped_steps,
+            compile_backbone=compile_backbone,
+            compile_kwargs=compile_kwargs,
         )

@@ -7,6 +7,8 @@ the DiT-like, MaskDiT-like and MAE-like baselines of the paper are the same meth
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -56,6 +58,8 @@ class UMD(MaskDiffModule):
         clip_x0: float | None = None,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         init_from: str | None = None,
         init_weights: str = "ema",
     ) -> None:
@@ -74,6 +78,8 @@ class UMD(MaskDiffModule):
             clip_x0=clip_x0,
             on_nonfinite=on_nonfinite,
             max_skipped_steps=max_skipped_steps,
+            compile_backbone=compile_backbone,
+            compile_kwargs=compile_kwargs,
         )
         self.init_from = init_from
         self.init_weights = init_weights
@@ -82,6 +88,7 @@ class UMD(MaskDiffModule):
     def configure_model(self) -> None:
         """Load ``init_from`` once per fit/validate run (not in ``load_from_checkpoint``, which has no trainer and
         restores the fine-tuned weights itself)."""
+        super().configure_model()
         if self.init_from is None or self._initialised or self._trainer is None:
             return
         from maskdiff.checkpoints import load_backbone_weights
