@@ -48,6 +48,7 @@ from maskdiff.evaluation.features import (
 )
 from maskdiff.methods.base import _built_by_cli
 from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
+from maskdiff.scale.compile import check_compile_kwargs, compile_in_place
 
 BLOCK_NAME = re.compile(r"^(blocks|en_inblocks|en_outblocks)\.(\d+)\.")
 LAST_LAYER = math.inf
@@ -115,6 +116,8 @@ class FineTune(TrainingGuards, L.LightningModule):
             backbone's ``no_weight_decay``, cls and position tokens get no weight decay.
         lr_scheduler: called with the optimizer; stepped every optimizer step.
         on_nonfinite, max_skipped_steps: the non-finite guard, as for every method (:mod:`maskdiff.methods.guards`).
+        compile_backbone: ``torch.compile`` the backbone's ``forward_features`` once it is built (fit/validate only).
+        compile_kwargs: :func:`torch.compile` options, e.g. ``{mode: max-autotune}``.
     """
 
     def __init__(
@@ -134,10 +137,14 @@ class FineTune(TrainingGuards, L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         on_nonfinite: NonFiniteAction = "stop",
         max_skipped_steps: int = 20,
+        compile_backbone: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=None if _built_by_cli() else ["optimizer", "lr_scheduler"])
         self.init_guards(on_nonfinite, max_skipped_steps)
+        self.compile_backbone = compile_backbone
+        self.compile_kwargs = check_compile_kwargs(compile_kwargs)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of mean, cls")
         if weights not in ("ema", "raw"):
@@ -201,6 +208,8 @@ class FineTune(TrainingGuards, L.LightningModule):
         set_drop_path(backbone, self.drop_path_rate)
         feature_dim = self._freeze_unused(backbone)
         self.backbone = backbone.train()
+        if self.compile_backbone and self._trainer is not None:
+            compile_in_place(self.backbone, features=True, **self.compile_kwargs)
         self.fc_norm = nn.LayerNorm(feature_dim, eps=1e-6) if self.pooling == "mean" else nn.Identity()
         self.head_drop = nn.Dropout(self.head_dropout)
         self.head = nn.Linear(feature_dim, self.num_classes)

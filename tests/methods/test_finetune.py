@@ -86,3 +86,16 @@ def test_bad_settings_are_named(dit_ckpt, tmp_path):
     with pytest.raises(ValueError, match="data image_size 16 .* expects input_size 8"):
         main(["fit", "--config", str(config_in(tmp_path, FINETUNE_DIGITS)[0]), "--model.init_args.ckpt", str(dit_ckpt),
               "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])
+
+
+def test_compiled_finetune_trains_with_the_same_keys(dit_ckpt, tmp_path):
+    config, _ = config_in(tmp_path, FINETUNE_DIGITS)
+    cli = MaskDiffCLI(args=[
+        "fit", "--config", str(config), "--model.init_args.ckpt", str(dit_ckpt), "--data.init_args.image_size", "8",
+        "--model.init_args.compile_backbone", "true", "--model.init_args.compile_kwargs", "{backend: eager}",
+        "--trainer.fast_dev_run", "2", "--trainer.logger", "false",
+    ])
+    model = cli.model
+    assert "forward_features" in vars(model.backbone)  # the features the head reads go through torch.compile
+    assert not any("_orig_mod" in key for key in model.state_dict())
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
