@@ -1,6 +1,6 @@
 """DiffMAE: diffusion models as masked autoencoders (Wei et al., ICCV 2023), for images and video.
 
-No official code exists (see ``/work/shared/reference/algorithms.md`` §4); what the paper states is kept, the rest is
+No official code exists (see ``docs/diffmae.md``); what the paper states is kept, the rest is
 an option:
 
 * the encoder is an MAE ViT (cls token, fixed sin-cos positions; space-time ``sincos_3d`` for video tubelets) that

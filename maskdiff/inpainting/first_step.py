@@ -1,7 +1,7 @@
 """MAE as a diffusion model's first reverse step: one denoiser call at t = T - 1 on pure noise, returning its x̂0.
 
 DiffMAE's x̂0 from pure noise estimates E[x0 | visible tokens], the blurry reconstruction MAE regresses to
-(``/work/shared/reference/algorithms.md`` §4.3). A respaced DDPM/DDIM chain of one step cannot show it: ADM's
+(Wei et al., 2023, §4.3). A respaced DDPM/DDIM chain of one step cannot show it: ADM's
 respacing keeps t = 0 when a single step is asked for.
 """
 
