@@ -231,7 +231,7 @@ def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path
     pre_dir.mkdir(), ft_dir.mkdir()
     config, ckpt_dir = config_in(pre_dir, CONFIGS / "umd" / "umd_digits.yaml")
     with single_thread():
-        main(["fit", "--config", str(config), "--trainer.max_steps", "60", "--trainer.log_every_n_steps", "5",
+        main(["fit", "--config", str(config), "--trainer.max_steps", "100", "--trainer.log_every_n_steps", "5",
               "--trainer.check_val_every_n_epoch", "2"])
     rows = list(csv.DictReader(next((pre_dir / "logs").rglob("metrics.csv")).open()))
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
