@@ -58,7 +58,7 @@ class TrainingGuards(L.LightningModule):
         check_nonfinite_options(on_nonfinite, max_skipped_steps)
         self.on_nonfinite = on_nonfinite
         self.max_skipped_steps = max_skipped_steps
-        self._loss_finite = True
+        self._step_loss: torch.Tensor | None = None
         self._skipped_in_a_row = 0
         self.skipped_steps = 0
 
@@ -69,26 +69,30 @@ class TrainingGuards(L.LightningModule):
         random.seed(seed)
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        """Remember whether this step's training loss is finite (checked with the gradients before stepping)."""
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
-        self._last_loss = float(loss.detach().float()) if not self._loss_finite else None
+        """Keep this step's training loss; it is checked together with the gradients before the optimizer step."""
+        self._step_loss = loss.detach()
 
-    def _gradients_finite(self) -> bool:
+    def _step_finite(self) -> tuple[bool, bool]:
+        """(loss finite, loss and every gradient finite), read from the device once."""
+        loss = getattr(self, "_step_loss", None)
+        values = [] if loss is None else [loss.float().reshape(1)]
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        values += [norm.float().reshape(1) for norm in torch._foreach_norm(grads)] if grads else []
+        if not values:
+            return True, True
+        finite = torch.isfinite(torch.cat([v.to(values[0].device) for v in values]))
+        if bool(finite.all()):
+            return True, True
+        return loss is None or bool(finite[0]), False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        loss_finite = getattr(self, "_loss_finite", True)
-        local_ok = loss_finite and self._gradients_finite()
+        loss_finite, local_ok = self._step_finite()
         strategy = self.trainer.strategy
         all_ok = strategy.reduce_boolean_decision(local_ok, all=True) if self.trainer.world_size > 1 else local_ok
         if all_ok:
             self._skipped_in_a_row = 0
             return
-        where = f"loss {self._last_loss}" if not loss_finite else "gradients" if not local_ok else "gradients on another rank"
+        where = f"loss {float(self._step_loss)}" if not loss_finite else "gradients" if not local_ok else "gradients on another rank"
         step = f"optimizer step {self.global_step + 1} (global_step {self.global_step}, epoch {self.current_epoch})"
         if self.on_nonfinite == "stop":
             raise FloatingPointError(
@@ -97,7 +101,7 @@ class TrainingGuards(L.LightningModule):
                 "or set on_nonfinite: skip"
             )
         self._skipped_in_a_row += 1
-        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        self.skipped_steps += 1
         if self._skipped_in_a_row > self.max_skipped_steps:
             raise FloatingPointError(
                 f"non-finite {where} in {step}: {self._skipped_in_a_row} steps in a row were skipped "
