@@ -152,15 +152,17 @@ def local_path(url: str) -> str:
     return url
 
 
+def missing_local_shards(urls: Sequence[str]) -> list[str]:
+    """Paths of the local shards among ``urls`` that do not exist (remote URLs are not checked)."""
+    return [local_path(url) for url in urls if not is_remote(url) and not os.path.isfile(local_path(url))]
+
+
 def check_local_shards(urls: Sequence[str], pattern: str | None = None) -> None:
     """Raise ``FileNotFoundError`` naming the first missing local shard (remote URLs are not checked)."""
-    for url in urls:
-        if is_remote(url):
-            continue
-        path = local_path(url)
-        if not os.path.isfile(path):
-            source = f" (from shard pattern {pattern!r})" if pattern else ""
-            raise FileNotFoundError(f"shard not found: {path}{source}")
+    missing = missing_local_shards(urls)
+    if missing:
+        source = f" (from shard pattern {pattern!r})" if pattern else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{source}")
 
 
 def lookup_shard_counts(urls: Sequence[str]) -> list[int] | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from maskdiff.data.shards import expand_urls, is_remote, local_path, lookup_shard_counts
+from maskdiff.data.shards import expand_urls, lookup_shard_counts, missing_local_shards
 from maskdiff.data.streams import eval_batch_plan
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -331,10 +331,6 @@ def _check_gpus(
     return findings
 
 
-def _missing_local(urls: Sequence[str]) -> list[str]:
-    return [local_path(u) for u in urls if not is_remote(u) and not os.path.isfile(local_path(u))]
-
-
 def _check_shards(data: Mapping[str, Any], world_size: int | None) -> list[Finding]:
     """Shard checks consistent with :class:`maskdiff.data.ShardsDataModule` (its ``setup`` repeats them per rank)."""
     findings: list[Finding] = []
@@ -350,7 +346,7 @@ def _check_shards(data: Mapping[str, Any], world_size: int | None) -> list[Findi
         except ValueError as error:
             findings.append(Finding("error", "shards", f"data {key}: {error}"))
             continue
-        missing = _missing_local(urls)
+        missing = missing_local_shards(urls)
         if missing:
             findings.append(Finding(
                 "error", "shards",
