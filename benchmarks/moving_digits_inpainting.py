@@ -37,8 +37,9 @@ from maskdiff.data.moving_digits import bounce, render_moving_digits
 from maskdiff.evaluation.digits_judge import score_digits
 from maskdiff.inpainting.cli import upscale
 from maskdiff.inpainting.first_step import FirstStepSampler
+from maskdiff.inpainting.masks import token_mask
 from maskdiff.inpainting.panels import save_panel
-from maskdiff.inpainting.video import make_video_mask, video_token_mask
+from maskdiff.inpainting.video import make_video_mask
 from maskdiff.samplers import DDPMSampler
 
 
@@ -64,7 +65,7 @@ def digit_windows(clips: torch.Tensor, corners: torch.Tensor, frame: int, glyph_
 def complete(module, clips: torch.Tensor, masks: torch.Tensor, sampler, seed: int, batch: int) -> torch.Tensor:
     """DiffMAE completions of ``clips (B, C, F, S, S)`` where ``masks (B, F, S, S)``; known pixels kept exactly."""
     patchifier = module.patchifier
-    hidden = video_token_mask(masks, patchifier.tubelet, module.autoencoder.downsample * patchifier.patch_size)
+    hidden = token_mask(masks, module.autoencoder.downsample * patchifier.patch_size, patchifier.tubelet)
     generator = torch.Generator().manual_seed(seed)
     outputs = []
     for start in range(0, len(clips), batch):

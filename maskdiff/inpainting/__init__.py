@@ -13,8 +13,7 @@ from maskdiff.inpainting.masks import (
 from maskdiff.inpainting.video import (
     VIDEO_MASK_KINDS,
     make_video_mask,
-    video_token_mask,
 )
 
 __all__ = ["MASK_KINDS", "VIDEO_MASK_KINDS", "FirstStepSampler", "as_pixel_mask", "fit_square", "load_mask", "make_mask",
-           "make_video_mask", "token_mask", "video_token_mask"]
+           "make_video_mask", "token_mask"]

@@ -40,7 +40,6 @@ from maskdiff.inpainting.video import (
     load_moving_digits_clip,
     make_video_mask,
     read_video_frames,
-    video_token_mask,
     write_animation,
 )
 from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
@@ -312,7 +311,7 @@ def inpaint_video(models, video, out, mask, mask_kind, mask_ratio, box, side, fu
                                      torch.Generator().manual_seed(seed))
         detail = f"last {int(pixel_mask.flatten(1).any(1).sum())} frames" if mask_kind == "future" else f"ratio {mask_ratio}"
         described_mask = f"{mask_kind} mask ({detail})"
-    tokens = video_token_mask(pixel_mask, tubelet, token_pixels)
+    tokens = token_mask(pixel_mask, token_pixels, tubelet)
 
     greyed = torch.where(pixel_mask, torch.zeros_like(clip), clip)
     blocks, notes = [], []

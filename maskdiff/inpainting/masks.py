@@ -142,11 +142,19 @@ def as_pixel_mask(pixel_mask: torch.Tensor, images: torch.Tensor) -> torch.Tenso
     return mask.expand(batch, 1, height, width).to(images.device)
 
 
-def token_mask(pixel_mask: torch.Tensor, token_pixels: int) -> torch.Tensor:
-    """``(B, 1, H, W)`` or ``(B, H, W)`` bool -> ``(B, N)`` bool over the row-major grid of ``token_pixels``-side
-    squares: a token is generated (True) if any of its pixels is."""
-    mask = pixel_mask if pixel_mask.ndim == 4 else pixel_mask.unsqueeze(1)
-    height, width = mask.shape[-2:]
-    if height % token_pixels or width % token_pixels:
-        raise ValueError(f"a {height}x{width} mask does not split into tokens of {token_pixels}x{token_pixels} pixels")
-    return F.max_pool2d(mask.float(), token_pixels).flatten(1).bool()
+def token_mask(pixel_mask: torch.Tensor, token_pixels: int, tubelet: int | None = None) -> torch.Tensor:
+    """Pixel mask -> ``(B, N)`` bool over the row-major token grid: a token is generated (True) if any of its pixels
+    is. Images: ``(B, 1, H, W)`` or ``(B, H, W)``, tokens of ``token_pixels``-side squares. Video (``tubelet`` given):
+    ``(B, F, S, S)`` or ``(F, S, S)``, tokens of ``tubelet × token_pixels × token_pixels`` over a ``(t, h, w)`` grid."""
+    if tubelet is None:
+        mask, window = (pixel_mask if pixel_mask.ndim == 4 else pixel_mask.unsqueeze(1)), (token_pixels, token_pixels)
+    else:
+        mask = (pixel_mask if pixel_mask.ndim == 4 else pixel_mask.unsqueeze(0)).unsqueeze(1)
+        window = (tubelet, token_pixels, token_pixels)
+    sizes = mask.shape[2:]
+    if any(size % step for size, step in zip(sizes, window)):
+        unit = "frames x pixels x pixels" if tubelet is not None else "pixels"
+        raise ValueError(f"a {'x'.join(map(str, sizes))} mask does not split into tokens of "
+                         f"{'x'.join(map(str, window))} {unit}")
+    pool = F.max_pool2d if tubelet is None else F.max_pool3d
+    return pool(mask.float(), window).flatten(1).bool()

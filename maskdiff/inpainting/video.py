@@ -1,7 +1,7 @@
 """Video inpainting: read a clip, fit it to a video model, make a space-time mask, complete it, write it out.
 
 Convention (as for images): a pixel mask is bool, **True = generate**; a video pixel mask is ``(F, S, S)``. A
-tubelet token (``tubelet × p × p`` pixels) is generated when any of its pixels is (:func:`video_token_mask`), and
+tubelet token (``tubelet × p × p`` pixels) is generated when any of its pixels is (:func:`~maskdiff.inpainting.masks.token_mask` with ``tubelet``), and
 the known pixels are pasted back exactly.
 """
 
@@ -13,10 +13,9 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask
+from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask, token_mask
 
 MOVING_DIGITS_PREFIX = "moving_digits:"
 MOVING_DIGITS_VAL_CLIPS = 200
@@ -146,18 +145,6 @@ def make_video_mask(
     return grid.repeat_interleave(tubelet, 0).repeat_interleave(token_pixels, 1).repeat_interleave(token_pixels, 2)
 
 
-def video_token_mask(pixel_mask: torch.Tensor, tubelet: int, token_pixels: int) -> torch.Tensor:
-    """``(B, F, S, S)`` or ``(F, S, S)`` bool -> ``(B, N)`` bool over the row-major ``(t, h, w)`` token grid: a
-    tubelet token is generated (True) if any of its pixels is."""
-    mask = pixel_mask if pixel_mask.ndim == 4 else pixel_mask.unsqueeze(0)
-    frames, height, width = mask.shape[-3:]
-    if frames % tubelet or height % token_pixels or width % token_pixels:
-        raise ValueError(f"a {frames}x{height}x{width} mask does not split into tokens of "
-                         f"{tubelet}x{token_pixels}x{token_pixels} (frames x pixels x pixels)")
-    pooled = F.max_pool3d(mask.unsqueeze(1).float(), (tubelet, token_pixels, token_pixels))
-    return pooled.flatten(1).bool()
-
-
 # ---------------------------------------------------------------------------------------------- completing
 @torch.no_grad()
 def inpaint_clip(module, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: int = 1, sampler=None,
@@ -179,7 +166,7 @@ def inpaint_clip(module, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: 
     if tuple(pixel_mask.shape) != tuple(clip.shape[1:]):
         raise ValueError(f"video mask of shape {tuple(pixel_mask.shape)} does not fit the clip's {tuple(clip.shape[1:])}")
     token_pixels = module.autoencoder.downsample * patchifier.patch_size
-    hidden = video_token_mask(pixel_mask, patchifier.tubelet, token_pixels).expand(samples, -1)
+    hidden = token_mask(pixel_mask, token_pixels, patchifier.tubelet).expand(samples, -1)
     clips = clip.unsqueeze(0).expand(samples, -1, -1, -1, -1).to(module.device)
     tokens = module.inpaint_tokens(module.to_tokens(clips), hidden, sampler, generator, use_ema)
     generated = module.autoencoder.decode(patchifier.unpatchify(tokens)).to(clip.dtype).cpu()

@@ -12,14 +12,13 @@ from maskdiff.checkpoints import write_method_checkpoint
 from maskdiff.cli import main
 from maskdiff.corruption import MaskedPatchNoise
 from maskdiff.diffusion.schedules import NoiseSchedule
-from maskdiff.inpainting import FirstStepSampler
+from maskdiff.inpainting import FirstStepSampler, token_mask
 from maskdiff.inpainting.panels import label_width
 from maskdiff.inpainting.video import (
     fit_clip,
     inpaint_clip,
     make_video_mask,
     read_video_frames,
-    video_token_mask,
     write_animation,
 )
 from maskdiff.methods import MAE, DiffMAE
@@ -78,7 +77,7 @@ def test_tube_mask_hides_the_same_cells_in_every_frame_with_trainings_count():
     mask = make_video_mask("tube", 16, 32, tubelet=2, token_pixels=4, ratio=0.9, generator=torch.Generator().manual_seed(0))
     assert mask.shape == (16, 32, 32) and mask.dtype == torch.bool
     assert all(torch.equal(frame, mask[0]) for frame in mask)
-    tokens = video_token_mask(mask, 2, 4)
+    tokens = token_mask(mask, 4, tubelet=2)
     assert tokens.shape == (1, 8 * 8 * 8)
     assert tokens.view(8, 64).sum(1).tolist() == [58] * 8  # 64 - int(64 * 0.1): MaskedPatchNoise's tube count
     again = make_video_mask("tube", 16, 32, 2, 4, 0.9, generator=torch.Generator().manual_seed(0))
@@ -88,7 +87,7 @@ def test_tube_mask_hides_the_same_cells_in_every_frame_with_trainings_count():
 
 def test_random_space_time_mask_differs_across_time_and_stays_token_aligned():
     mask = make_video_mask("random", 8, 16, tubelet=2, token_pixels=4, ratio=0.75, generator=torch.Generator().manual_seed(0))
-    tokens = video_token_mask(mask, 2, 4)
+    tokens = token_mask(mask, 4, tubelet=2)
     assert int(tokens.sum()) == 64 - int(64 * 0.25)
     assert mask.float().mean() == tokens.float().mean()  # whole tokens only
     assert torch.equal(mask[0], mask[1]) and not torch.equal(mask[0], mask[2])  # one tubelet spans frames 0-1
@@ -107,9 +106,9 @@ def test_future_box_and_half_masks():
 def test_a_tubelet_is_generated_when_any_of_its_pixels_is():
     mask = torch.zeros(4, 8, 8, dtype=torch.bool)
     mask[3, 5, 2] = True  # frame 3 = tubelet 1; row 5, column 2 = cell (2, 1) of the 4x4 grid of 2-px tokens
-    assert video_token_mask(mask, 2, 2)[0].nonzero().flatten().tolist() == [16 + 2 * 4 + 1]
+    assert token_mask(mask, 2, tubelet=2)[0].nonzero().flatten().tolist() == [16 + 2 * 4 + 1]
     with pytest.raises(ValueError, match="a 4x8x8 mask does not split into tokens of 3x2x2"):
-        video_token_mask(mask, 3, 2)
+        token_mask(mask, 2, tubelet=3)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.2])
