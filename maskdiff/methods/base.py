@@ -101,6 +101,8 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         self.init_guards(on_nonfinite, max_skipped_steps)
         self.compile_backbone = compile_backbone
         self.compile_kwargs = check_compile_kwargs(compile_kwargs)
+        # id(parameter) -> decayed, fixed in configure_model before FSDP flattens the parameters.
+        self._weight_decayed: dict[int, bool] | None = None
         # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
         self.inputs_pre_encoded = False
         # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
@@ -303,7 +305,7 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
             return
         if self.compile_backbone:
             compile_in_place(self.backbone, **self.compile_kwargs)
-        if getattr(self, "_weight_decayed", None) is None:
+        if self._weight_decayed is None:
             self._weight_decayed = self.weight_decayed()
 
     def weight_decayed(self) -> dict[int, bool]:
@@ -346,7 +348,7 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
             raise ValueError(f"the data has {classes} classes but the backbone was built for num_classes {self.backbone.num_classes}")
 
     def configure_optimizers(self):
-        decayed = {**self.weight_decayed(), **(getattr(self, "_weight_decayed", None) or {})}
+        decayed = {**self.weight_decayed(), **(self._weight_decayed or {})}
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
