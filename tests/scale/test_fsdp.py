@@ -30,6 +30,23 @@ from maskdiff.methods import MAE, MDT, UMD, DiffMAE, DiT
 from maskdiff.scale import BackboneFSDPStrategy, ShardedNormClipping, block_classes, wrap_classes
 from tests.helpers import config_in
 
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_state_leaks():
+    """In-process fits set the launcher variables and a process group; undo both so that later tests (and their
+    subprocesses) do not inherit a port that is still bound."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 TINY = dict(input_size=8, in_channels=1)
 BACKBONES = {
     "DiT": (lambda: DiT(create_backbone("DiT-Nano/2", **TINY, num_classes=10)), {DiTBlock}),
@@ -151,10 +168,8 @@ def test_two_cpu_ranks_shard_the_ema_like_the_live_weights(tmp_path):
     (decay 0: the consolidated EMA equals the live weights exactly), clipping by norm runs on the shards, and the
     weight-decay groups are those of the unsharded module."""
     script = Path(__file__).with_name("fsdp_two_ranks.py")
-    launcher_variables = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-    env = {key: value for key, value in os.environ.items() if key not in launcher_variables}  # earlier fits set them
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**env, "PYTHONPATH": str(script.parents[2])})
+                          env={**os.environ, "PYTHONPATH": str(script.parents[2])})
     assert done.returncode == 0, done.stderr[-3000:]
     total = sum(p.numel() for p in create_backbone("DiT-Nano/2", **TINY, num_classes=10).parameters())
     reports = re.findall(r"rank (\d) step (\d) local (\d+) aligned (True|False)", done.stdout)  # the 2 ranks share stdout
