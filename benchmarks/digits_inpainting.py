@@ -10,7 +10,7 @@ exactly), the **digits Fréchet distance** of the inpainted images to the real v
 consistency** (the digits judge's argmax equals the digit's true label), both from
 :func:`maskdiff.evaluation.digits_judge.score_digits`. For DiffMAE the FD and consistency use its first sample; the
 MSE is the mean over its samples, and ``DiffMAE, mean of K samples`` scores their average (an estimate of the
-posterior mean that MAE regresses to). ``DiffMAE, 1 step`` is its x̂0 at t = T - 1 from pure noise (:class:`~maskdiff.inpainting.first_step.FirstStepSampler`; the "MAE is DiffMAE's first
+posterior mean that MAE regresses to). ``DiffMAE, 1 step`` is its x̂0 at t = T - 1 from pure noise (:class:`~maskdiff.samplers.first_step.FirstStepSampler`; the "MAE is DiffMAE's first
 reverse step" view). Rows for scale: hidden pixels set to the background (-1), to the mean training digit, and the
 real digits themselves. Writes a JSON with every number and a PNG panel (rows: digits; columns: original, masked,
 MAE, DiffMAE samples) and prints a markdown table.
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.data.digits import digits_pixels
 from maskdiff.evaluation.digits_judge import load_digits_split, score_digits
 from maskdiff.inpainting.cli import upscale
-from maskdiff.inpainting.first_step import FirstStepSampler
+from maskdiff.samplers.first_step import FirstStepSampler
 from maskdiff.inpainting.masks import fit_square, make_mask
 from maskdiff.inpainting.panels import save_panel
 from maskdiff.samplers import DDPMSampler

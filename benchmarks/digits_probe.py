@@ -19,7 +19,7 @@ import time
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.evaluation.digits_judge import load_digits_split
 from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features
 from maskdiff.evaluation.linear_probe import load_datamodule, run_linear_probe, train_split_batches

@@ -15,7 +15,7 @@ judge's argmax equals the clip's label). The judge was trained on whole 8x8 digi
 upscaled digit (it average-pools back to the 8x8 glyph), whereas a whole 32-px canvas pooled to 8x8 would shrink the
 digit to a quarter of the judge's field and score the background; a window the model fills with the wrong digit, a
 blur or nothing scores badly. Summary columns average the per-frame MSE and consistency and compute one FD over the
-windows of all frames. Rows: DiffMAE (DDPM-``steps``), DiffMAE's x̂0 at t = T - 1 from pure noise in one step (:class:`~maskdiff.inpainting.first_step.FirstStepSampler`, MAE-like: the
+windows of all frames. Rows: DiffMAE (DDPM-``steps``), DiffMAE's x̂0 at t = T - 1 from pure noise in one step (:class:`~maskdiff.samplers.first_step.FirstStepSampler`, MAE-like: the
 posterior-mean reconstruction; no video MAE backbone exists here), hidden pixels set to the background (-1) or to
 the mean training frame, and the real clips. Writes a JSON and a frame strip PNG (rows: original, masked, DiffMAE,
 DiffMAE 1 step; columns: frames) and prints markdown tables.
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.data.moving_digits import bounce, render_moving_digits
 from maskdiff.evaluation.digits_judge import score_digits
 from maskdiff.inpainting.cli import upscale
-from maskdiff.inpainting.first_step import FirstStepSampler
-from maskdiff.inpainting.masks import token_mask
+from maskdiff.samplers.first_step import FirstStepSampler
+from maskdiff.corruption.pixel_masks import token_mask
 from maskdiff.inpainting.panels import save_panel
 from maskdiff.inpainting.video import make_video_mask
 from maskdiff.samplers import DDPMSampler

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdiff.callbacks.sample_grid import grid_labels
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.evaluation.digits_judge import load_digits_split, score_digits
 from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
 

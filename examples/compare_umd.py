@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from maskdiff.callbacks import DigitsEvaluation
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
 from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features

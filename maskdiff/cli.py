@@ -135,7 +135,7 @@ def sample(
         device: torch device to sample on.
     """
     from maskdiff.callbacks.sample_grid import grid_labels, save_grid
-    from maskdiff.checkpoints import load_method
+    from maskdiff.methods.checkpoints import load_method
     from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
 
     module = load_method(ckpt, map_location=device).to(device).eval()

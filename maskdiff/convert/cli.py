@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from maskdiff.checkpoints import require_file, write_method_checkpoint
+from maskdiff.methods.checkpoints import require_file, write_method_checkpoint
 from maskdiff.convert.dit import convert_dit_state_dict
 from maskdiff.convert.fsdp import fsdp
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from maskdiff.backbones.mae import DECODER_PREFIXES, MAE, MAE_SIZES, position_table
-from maskdiff.checkpoints import require_file
+from maskdiff.methods.checkpoints import require_file
 from maskdiff.convert.dit import _allow_train_args
 from maskdiff.convert.layout import check_keys_and_shapes, conv_patch_embed_to_linear
 

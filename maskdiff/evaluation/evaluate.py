@@ -376,7 +376,7 @@ def _gather_parts(folder: Path, images: np.ndarray, labels: np.ndarray | None, r
 def _sample_to_npz(ckpt, out: Path, num_samples, cfg_scale, cfg_channels, cfg_schedule, cfg_power, sampler_name,
                    steps, eta, seed, weights, batch_size, device, run: DistributedRun):
     """Sample this rank's share; rank 0 assembles ``out/samples.npz`` and writes ``out/samples.json``."""
-    from maskdiff.checkpoints import load_method
+    from maskdiff.methods.checkpoints import load_method
     from maskdiff.samplers import DDIMSampler, DDPMSampler
 
     module = load_method(ckpt, map_location="cpu").to(device).eval()

@@ -255,7 +255,7 @@ def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
         return data
     from jsonargparse import ArgumentParser
 
-    from maskdiff.checkpoints import require_file
+    from maskdiff.methods.checkpoints import require_file
 
     path = require_file(data, "data config")
     config = yaml.safe_load(path.read_text()) or {}
@@ -382,7 +382,7 @@ def probe(
         cache_dir: feature cache folder (default ``$MASKDIFF_CACHE/features`` or ``~/.cache/maskdiff/features``).
         device: torch device for feature extraction and head training.
     """
-    from maskdiff.checkpoints import load_method, require_file
+    from maskdiff.methods.checkpoints import load_method, require_file
 
     require_file(ckpt)
     module = load_method(ckpt, map_location=device).to(device).eval()

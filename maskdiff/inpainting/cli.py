@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from maskdiff.callbacks.sample_grid import save_grid
-from maskdiff.inpainting.first_step import FirstStepSampler
+from maskdiff.corruption.pixel_masks import token_mask
+from maskdiff.samplers.first_step import FirstStepSampler
 from maskdiff.inpainting.masks import (
     MASK_KINDS,
     check_ratio,
     fit_square,
     load_mask,
     make_mask,
-    token_mask,
+
 )
 from maskdiff.inpainting.panels import label_width, labelled_panel, save_panel
 from maskdiff.inpainting.video import (
@@ -200,7 +201,7 @@ def inpaint(
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to run on.
     """
-    from maskdiff.checkpoints import load_method
+    from maskdiff.methods.checkpoints import load_method
 
     if (image is None) == (video is None):
         raise ValueError("pass exactly one of --image (an image or digits:IDX) and --video (a clip, frames folder or moving_digits:IDX)")

@@ -1,7 +1,7 @@
 """Video inpainting: read a clip, fit it to a video model, make a space-time mask, complete it, write it out.
 
 Convention (as for images): a pixel mask is bool, **True = generate**; a video pixel mask is ``(F, S, S)``. A
-tubelet token (``tubelet × p × p`` pixels) is generated when any of its pixels is (:func:`~maskdiff.inpainting.masks.token_mask` with ``tubelet``), and
+tubelet token (``tubelet × p × p`` pixels) is generated when any of its pixels is (:func:`~maskdiff.corruption.pixel_masks.token_mask` with ``tubelet``), and
 the known pixels are pasted back exactly.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask, token_mask
+from maskdiff.corruption.pixel_masks import token_mask
+from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask
 
 MOVING_DIGITS_PREFIX = "moving_digits:"
 MOVING_DIGITS_VAL_CLIPS = 200

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corrupted, Corruption
-from maskdiff.inpainting.masks import as_pixel_mask, token_mask
+from maskdiff.corruption.pixel_masks import as_pixel_mask, token_mask
 from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
 from maskdiff.objectives.base import Objective, ObjectiveOutput
 from maskdiff.samplers.base import Sampler

@@ -2,7 +2,7 @@
 
     maskdiff fit --config configs/finetune_digits.yaml --model.init_args.ckpt runs/mae_digits/checkpoints/last.ckpt
 
-The backbone comes from a maskdiff checkpoint (:func:`~maskdiff.checkpoints.load_method`), loaded in
+The backbone comes from a maskdiff checkpoint (:func:`~maskdiff.methods.checkpoints.load_method`), loaded in
 :meth:`FineTune.configure_model`, so parsing a config never reads the file. Parts of the backbone that
 ``forward_features`` does not use (MAE's decoder, DiT's final layer, MDT's decoder blocks) are frozen and left out of
 the optimizer. A time-conditioned backbone (DiT, MDT) runs at one fixed ``timestep`` on clean images and with the
@@ -193,7 +193,7 @@ class FineTune(TrainingGuards, L.LightningModule):
             return
         if self.num_classes is None:
             raise ValueError("FineTune: num_classes is unknown; set model.init_args.num_classes")
-        from maskdiff.checkpoints import load_method
+        from maskdiff.methods.checkpoints import load_method
 
         method = load_method(self.ckpt, map_location="cpu")
         use_ema = self.weights == "ema" and method.ema_backbone is not None

@@ -91,7 +91,7 @@ class UMD(MaskDiffModule):
         super().configure_model()
         if self.init_from is None or self._initialised or self._trainer is None:
             return
-        from maskdiff.checkpoints import load_backbone_weights
+        from maskdiff.methods.checkpoints import load_backbone_weights
 
         fresh = load_backbone_weights(self.backbone, self.init_from, use_ema=self.init_weights == "ema")
         if self.ema_backbone is not None:

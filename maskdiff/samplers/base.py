@@ -21,7 +21,7 @@ class Sampler:
 
     Args:
         steps: number of respaced steps (kept steps include 0 and T-1 for two or more; one step keeps only t = 0,
-            so use :class:`maskdiff.inpainting.FirstStepSampler` for a one-step x̂0 from pure noise).
+            so use :class:`maskdiff.samplers.FirstStepSampler` for a one-step x̂0 from pure noise).
     """
 
     def __init__(self, steps: int = 250) -> None:

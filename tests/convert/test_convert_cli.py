@@ -2,7 +2,7 @@
 
 import torch
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import main
 from maskdiff.methods import MDT, DiT
 from tests.convert.test_dit_convert import NANO, assert_matches_official, random_official_state_dict

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import main
 from maskdiff.convert.mae import (
     IMAGENET_MEAN,

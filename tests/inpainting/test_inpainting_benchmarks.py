@@ -11,7 +11,7 @@ from PIL import Image
 
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
-from maskdiff.checkpoints import write_method_checkpoint
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.inpainting.panels import TITLE_HEIGHT
 from maskdiff.methods import MAE
 from tests.helpers import ROOT

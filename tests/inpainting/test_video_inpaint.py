@@ -8,11 +8,12 @@ from PIL import Image
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
-from maskdiff.checkpoints import write_method_checkpoint
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.cli import main
 from maskdiff.corruption import MaskedPatchNoise
 from maskdiff.diffusion.schedules import NoiseSchedule
-from maskdiff.inpainting import FirstStepSampler, token_mask
+from maskdiff.inpainting import token_mask
+from maskdiff.samplers import FirstStepSampler
 from maskdiff.inpainting.panels import label_width
 from maskdiff.inpainting.video import (
     fit_clip,

@@ -7,7 +7,7 @@ import torch
 from timm.layers import DropPath
 
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
-from maskdiff.checkpoints import write_method_checkpoint
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.cli import MaskDiffCLI, main
 from maskdiff.methods import DiffMAE
 from maskdiff.methods.finetune import FineTune

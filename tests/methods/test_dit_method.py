@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import main
 from maskdiff.corruption import GaussianNoise
 from maskdiff.methods import DiT

@@ -4,7 +4,7 @@ from timm.layers import DropPath
 
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
-from maskdiff.checkpoints import write_method_checkpoint
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.cli import MaskDiffCLI, main
 from maskdiff.methods import MAE
 from maskdiff.methods.finetune import FineTune

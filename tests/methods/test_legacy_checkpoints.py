@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.methods import FineTune
 from maskdiff.samplers import DDIMSampler
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskdiff.backbones import create_backbone
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import main
 from maskdiff.corruption import TokenMasking
 from maskdiff.methods import MAE

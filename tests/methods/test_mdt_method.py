@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskdiff.backbones import MDTv2 as MDTv2Backbone
-from maskdiff.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import main
 from maskdiff.corruption import MaskedNoise
 from maskdiff.methods import MDT

@@ -7,7 +7,7 @@ import torch
 
 from maskdiff.backbones import UMD as UMDBackbone
 from maskdiff.backbones.embeddings import timestep_frequencies
-from maskdiff.checkpoints import load_backbone_weights
+from maskdiff.methods.checkpoints import load_backbone_weights
 from maskdiff.corruption import UnifiedMaskedNoise
 from maskdiff.evaluation.features import FeatureSpec, extract_features
 from maskdiff.methods import UMD
@@ -223,7 +223,7 @@ def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path
     """configs/umd: pre-train (loss falls, online register probe logged), fine-tune from it, sample from the result."""
     import csv
 
-    from maskdiff.checkpoints import load_method
+    from maskdiff.methods.checkpoints import load_method
     from maskdiff.cli import main
     from tests.helpers import CONFIGS, FAST_GRID, config_in, single_thread
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
-from maskdiff.checkpoints import write_method_checkpoint
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.cli import MaskDiffCLI
 from maskdiff.data.moving_digits import render_moving_digits
 from maskdiff.evaluation.features import FeatureSpec, extract_features
@@ -133,7 +133,7 @@ def test_mixup_and_cutmix_mix_whole_clips(video_ckpt):
 
 
 def test_offline_features_of_a_video_checkpoint(video_ckpt):
-    from maskdiff.checkpoints import load_method
+    from maskdiff.methods.checkpoints import load_method
 
     method = load_method(video_ckpt)
     inputs, _ = clips(3)
