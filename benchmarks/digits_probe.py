@@ -21,7 +21,8 @@ from sklearn.linear_model import LogisticRegression
 
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.evaluation.digits_judge import load_digits_split
-from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_dataset_features
 from maskdiff.evaluation.linear_probe import load_datamodule, run_linear_probe, train_split_batches
 
 

@@ -31,7 +31,8 @@ from maskdiff.callbacks import DigitsEvaluation
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
-from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_dataset_features
 from maskdiff.evaluation.linear_probe import few_shot_probe, load_datamodule, run_linear_probe, train_split_batches
 from maskdiff.samplers import DDIMSampler
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules used by the shipped configs (per optimizer step)."""
+"""Optimizers and learning-rate schedules used by the methods and the shipped configs (schedules per optimizer step)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ class WarmupCosineLR(LambdaLR):
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    """The default optimizer of DiT and MDT: AdamW, lr 1e-4, no weight decay (DiT's constant-lr recipe)."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+def mae_adamw(params) -> torch.optim.Optimizer:
+    """MAE's pre-training AdamW, also UMD's and (unverified) DiffMAE's: betas (0.9, 0.95), weight decay 0.05, lr 1.5e-4
+    (the base lr for a batch of 256: scale it by batch / 256)."""
+    return torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)

@@ -18,7 +18,7 @@ an option:
 * ``t_conditioning``: ``add`` (the timestep embedding is added to every noisy token; the default, since the paper's
   mechanism is unverified) or ``adaln`` (adaLN-Zero shift/scale/gate of every decoder sub-layer, DiT-style).
 
-The encoder is never conditioned on the timestep (``time_conditioned = False``: probes call
+The encoder is never conditioned on the timestep (``features_take_timesteps = False``: probes call
 :meth:`DiffMAE.forward_features` without one). For inpainting, :meth:`DiffMAE.encode_context` runs the encoder once
 and :meth:`DiffMAE.decode_hidden` runs only the decoder on the hidden tokens at every reverse step.
 """
@@ -188,8 +188,9 @@ class DiffMAE(Backbone):
     num_prefix_tokens = 1
     num_classes = 0
     output_parts = 1
-    time_conditioned = False
-    default_pooling = "cls"
+    takes_timesteps = True
+    features_take_timesteps = False
+    hidden_tokens = "noised"
 
     def __init__(
         self,

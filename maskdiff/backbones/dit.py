@@ -137,6 +137,8 @@ class DiT(Backbone):
     """
 
     block_classes = (DiTBlock,)
+    takes_timesteps = True
+    features_take_timesteps = True
 
     def __init__(
         self,

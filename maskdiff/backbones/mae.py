@@ -65,6 +65,7 @@ class MAE(Backbone):
     num_classes = 0
     output_parts = 1
     block_classes = (Block,)
+    hidden_tokens = "drop"
 
     def __init__(
         self,

@@ -112,6 +112,9 @@ class _MaskedDiffusionTransformer(Backbone):
     """Embeddings, side-interpolater and output head shared by MDT and MDTv2 (their block layouts differ)."""
 
     block_classes = (MDTBlock,)
+    takes_timesteps = True
+    features_take_timesteps = True
+    hidden_tokens = "mask_token"
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, num_heads, mlp_ratio, class_dropout_prob,
                  num_classes, learn_sigma, label_embedding_std) -> None:

@@ -98,7 +98,9 @@ class UMD(Backbone):
     """
 
     output_parts = 2
-    time_conditioned = True
+    takes_timesteps = True
+    features_take_timesteps = True
+    hidden_tokens = "drop"
     default_pooling = "prefix_mean"
 
     def __init__(

@@ -10,12 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
-from maskdiff.evaluation.features import (
-    FeatureSpec,
-    backbone_features,
-    default_pooling,
-    resolve_spec,
-)
+from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
 from maskdiff.evaluation.linear_probe import linear_head
 
 
@@ -90,7 +85,7 @@ class OnlineLinearProbe(L.Callback):
             if self.num_classes is None:
                 raise ValueError("OnlineLinearProbe: the data module has no num_classes; set num_classes on the callback")
         backbone = pl_module.backbone
-        pooling = self.pooling or default_pooling(backbone)
+        pooling = self.pooling or backbone.default_pooling
         self.spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False))
         top5 = min(5, self.num_classes)
         self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")

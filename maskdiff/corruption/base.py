@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from maskdiff.corruption.masking import Masking
+from maskdiff.corruption.maskers import Masker, RandomMasker, TubeMasker
+from maskdiff.corruption.masking import HiddenTokens, Masking
 from maskdiff.diffusion.schedules import NoiseSchedule
 
 
@@ -66,9 +67,47 @@ class Corruption(nn.Module):
     ``forward(clean (B, N, P), grid) -> list[Corrupted]``; most methods return one view, MDT returns two
     (full and masked pass), UMD splits the batch into a noise-free and a noised view. Schedules live here as
     (non-persistent) buffers, so ``schedule`` is the single source of truth for objectives and samplers.
+
+    What a corruption declares (methods check it against the backbone and objective when they are built):
+
+    Attributes:
+        schedule: the noise schedule of noised views, ``None`` for noise-free corruptions. A corruption with a
+            schedule conditions the backbone on timesteps; generation needs one.
+        model_time_offset: added to the schedule index to give the timestep the backbone sees (UMD: 1, its 0 means
+            "no noise").
+        masker: which tokens masked views hide (:mod:`maskdiff.corruption.maskers`), ``None`` when nothing is hidden.
+        mask_ratio: the share of tokens its (main) masked view hides; 0 without a masker.
+        hidden_tokens: what the backbone must do with hidden tokens for the views to make sense (see
+            :data:`~maskdiff.corruption.masking.HiddenTokens`); empty without a masker.
     """
 
-    schedule: NoiseSchedule | None  # set by noising corruptions; absent for mask-only ones
+    schedule: NoiseSchedule | None
+    model_time_offset: int = 0
+    masker: Masker | None
+    mask_ratio: float = 0.0
+    hidden_tokens: tuple[HiddenTokens, ...] = ()
+
+    def __init__(self, masker: Masker | None = None) -> None:
+        super().__init__()
+        self.schedule = None
+        self.masker = masker
+
+    def hide(self, batch: int, grid: tuple[int, ...], ratio: float, device) -> Masking:
+        """A masking of ``batch`` samples of the token ``grid`` hiding ``ratio`` of the tokens, by this corruption's
+        masker."""
+        if self.masker is None:
+            raise ValueError(f"{type(self).__name__} has no masker, so it cannot hide tokens")
+        return self.masker.mask(batch, grid, ratio, device=device)
 
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
         raise NotImplementedError
+
+
+def chosen_masker(masker: Masker | None, tube: bool) -> Masker:
+    """The masker of a masking corruption: ``masker``, or the shorthand ``tube`` (:class:`TubeMasker`, kept for the
+    configs and checkpoints that predate maskers), or MAE's :class:`RandomMasker`."""
+    if masker is not None and tube:
+        raise ValueError(f"give either masker ({masker!r}) or tube: true, not both")
+    if masker is not None:
+        return masker
+    return TubeMasker() if tube else RandomMasker()

@@ -7,8 +7,14 @@ number of tokens, so masked batches stay rectangular (no padding) and compiled s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+HiddenTokens = Literal["drop", "mask_token", "noised"]
+"""What a backbone does with the tokens a :class:`Masking` hides: ``drop`` (its encoder reads only the visible ones:
+MAE, UMD), ``mask_token`` (hidden positions are replaced by a learned mask token: MDT) or ``noised`` (it reads their
+noised values and denoises them: DiffMAE)."""
 
 
 @dataclass

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from maskdiff.corruption.base import Corrupted, Corruption
-from maskdiff.corruption.masking import random_masking, tube_masking
+from maskdiff.corruption.base import Corrupted, Corruption, chosen_masker
+from maskdiff.corruption.maskers import Masker
+from maskdiff.corruption.masking import HiddenTokens, Masking
 from maskdiff.diffusion.schedules import NoiseSchedule, ScheduleName
+
+# Views whose hidden tokens the backbone must not see: its encoder drops them or a mask token replaces them.
+UNSEEN: tuple[HiddenTokens, ...] = ("drop", "mask_token")
 
 
 class GaussianNoise(Corruption):
@@ -53,30 +55,24 @@ class GaussianNoise(Corruption):
 
 
 class TokenMasking(Corruption):
-    """MAE's corruption: hide a fixed share of tokens per sample (random; ``tube`` for video), no noise.
+    """MAE's corruption: hide a fixed share of tokens per sample, no noise.
 
     Args:
         mask_ratio: share of tokens hidden from the encoder.
-        tube: mask the same spatial cells in every frame (video grids ``(t, h, w)``).
+        tube: shorthand for ``masker: TubeMasker`` (video grids ``(t, h, w)``).
+        masker: which tokens are hidden (:mod:`maskdiff.corruption.maskers`; default MAE's random masking).
     """
 
-    def __init__(self, mask_ratio: float = 0.75, tube: bool = False) -> None:
-        super().__init__()
+    hidden_tokens = UNSEEN
+
+    def __init__(self, mask_ratio: float = 0.75, tube: bool = False, masker: Masker | None = None) -> None:
+        super().__init__(chosen_masker(masker, tube))
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {mask_ratio} is outside [0, 1)")
         self.mask_ratio = mask_ratio
-        self.tube = tube
-        self.schedule = None
-
-    def mask(self, batch: int, grid: tuple[int, ...], device):
-        if self.tube:
-            if len(grid) != 3:
-                raise ValueError(f"tube masking needs a video token grid (t, h, w), got {grid}")
-            return tube_masking(batch, grid, self.mask_ratio, device=device)
-        return random_masking(batch, math.prod(grid), self.mask_ratio, device=device)
 
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
-        return [Corrupted(tokens=clean, clean=clean, masking=self.mask(clean.shape[0], grid, clean.device))]
+        return [Corrupted(tokens=clean, clean=clean, masking=self.hide(clean.shape[0], grid, self.mask_ratio, clean.device))]
 
 
 class MaskedNoise(GaussianNoise):
@@ -89,7 +85,10 @@ class MaskedNoise(GaussianNoise):
             ``None`` keeps it fixed (MDTv1; also keeps compiled shapes static).
         full_pass: also return the unmasked view (MDT trains on both; ``False`` gives a masked-only ablation).
         schedule, num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+        masker: which tokens the masked pass hides (default MDT's random masking).
     """
+
+    hidden_tokens = UNSEEN
 
     def __init__(
         self,
@@ -102,8 +101,10 @@ class MaskedNoise(GaussianNoise):
         beta_end: float = 0.02,
         rho: float = 0.8,
         cosine_s: float = 0.008,
+        masker: Masker | None = None,
     ) -> None:
         super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        self.masker = chosen_masker(masker, tube=False)
         top = mask_ratio if max_mask_ratio is None else max_mask_ratio
         if not 0.0 < mask_ratio <= top < 1.0:
             raise ValueError(
@@ -121,7 +122,7 @@ class MaskedNoise(GaussianNoise):
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
         t = self.sample_t(clean.shape[0], clean.device)
         masked = self.noised(clean, t, name="masked")
-        masked.masking = random_masking(clean.shape[0], math.prod(grid), self.draw_ratio(), device=clean.device)
+        masked.masking = self.hide(clean.shape[0], grid, self.draw_ratio(), clean.device)
         return [self.noised(clean, t, name="full"), masked] if self.full_pass else [masked]
 
 
@@ -145,9 +146,11 @@ class UnifiedMaskedNoise(GaussianNoise):
         clean_mask_ratio: tokens hidden in the noise-free view.
         mask_ratio: tokens hidden in the noised view.
         schedule, num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+        masker: which tokens both views hide (default UMD's random masking).
     """
 
     model_time_offset = 1
+    hidden_tokens = UNSEEN
 
     def __init__(
         self,
@@ -160,8 +163,10 @@ class UnifiedMaskedNoise(GaussianNoise):
         beta_end: float = 0.02,
         rho: float = 0.8,
         cosine_s: float = 0.008,
+        masker: Masker | None = None,
     ) -> None:
         super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        self.masker = chosen_masker(masker, tube=False)
         if not 0.0 <= no_noise_prob <= 1.0:
             raise ValueError(f"no_noise_prob {no_noise_prob} is outside [0, 1]")
         for name, ratio in (("clean_mask_ratio", clean_mask_ratio), ("mask_ratio", mask_ratio)):
@@ -175,8 +180,8 @@ class UnifiedMaskedNoise(GaussianNoise):
         """Rows in the noised view (the first ones); the rest are noise-free."""
         return batch - int(batch * self.no_noise_prob)
 
-    def _masking(self, batch: int, grid: tuple[int, ...], ratio: float, device):
-        return random_masking(batch, math.prod(grid), ratio, device=device) if ratio > 0 else None
+    def _masking(self, batch: int, grid: tuple[int, ...], ratio: float, device) -> Masking | None:
+        return self.hide(batch, grid, ratio, device) if ratio > 0 else None
 
     def forward(self, clean: torch.Tensor, grid: tuple[int, ...]) -> list[Corrupted]:
         batch = clean.shape[0]
@@ -215,11 +220,14 @@ class MaskedPatchNoise(GaussianNoise):
 
     Args:
         mask_ratio: share of tokens hidden and noised, in (0, 1) (DiffMAE: 0.75 for images, 0.9 for video).
-        tube: hide the same spatial cells in every frame (video grids ``(t, h, w)``, MAE-ST / VideoMAE tubes).
+        tube: shorthand for ``masker: TubeMasker`` (video grids ``(t, h, w)``, MAE-ST / VideoMAE tubes).
         schedule: β schedule. The paper's schedule (an exponent ρ on the noise, see ``rho_linear``) is unverified;
             ``cosine`` is the default here.
         num_steps, beta_start, beta_end, rho, cosine_s: as :class:`GaussianNoise`.
+        masker: which tokens are hidden and noised (default random masking).
     """
+
+    hidden_tokens: tuple[HiddenTokens, ...] = ("noised",)
 
     def __init__(
         self,
@@ -231,23 +239,19 @@ class MaskedPatchNoise(GaussianNoise):
         beta_end: float = 0.02,
         rho: float = 0.8,
         cosine_s: float = 0.008,
+        masker: Masker | None = None,
     ) -> None:
         super().__init__(schedule, num_steps, beta_start, beta_end, rho, cosine_s)
+        self.masker = chosen_masker(masker, tube)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio {mask_ratio} is outside (0, 1); DiffMAE needs both visible tokens to condition on and "
                 "hidden tokens to denoise"
             )
         self.mask_ratio = mask_ratio
-        self.tube = tube
 
-    def mask(self, batch: int, grid: tuple[int, ...], device):
-        if self.tube:
-            if len(grid) != 3:
-                raise ValueError(f"tube masking needs a video token grid (t, h, w), got {grid}")
-            masking = tube_masking(batch, grid, self.mask_ratio, device=device)
-        else:
-            masking = random_masking(batch, math.prod(grid), self.mask_ratio, device=device)
+    def mask(self, batch: int, grid: tuple[int, ...], device) -> Masking:
+        masking = self.hide(batch, grid, self.mask_ratio, device)
         if masking.num_keep == 0 or masking.num_keep == masking.mask.shape[1]:
             raise ValueError(
                 f"mask_ratio {self.mask_ratio} on a token grid {grid} keeps {masking.num_keep} of "

@@ -5,6 +5,7 @@ With ``α = sqrt(ᾱ_t)``, ``σ = sqrt(1 - ᾱ_t)``: ``x_t = α x0 + σ ε`` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -48,3 +49,24 @@ def target_for(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor, alpha: tor
     if kind == "v":
         return to_v(x0, eps, alpha, sigma)
     raise ValueError(f"unknown prediction {kind!r}; expected 'eps', 'x0' or 'v'")
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """How a generative objective's backbone output is read when sampling.
+
+    Attributes:
+        target: what the prediction part holds: ``eps``, ``x0`` or ``v``.
+        learn_sigma: output part 1 holds the learned-variance interpolation values (DiT / ADM's hybrid loss).
+        part: which output part holds the prediction (UMD's ``[x0 ‖ ε]`` sampled with ε: 1).
+    """
+
+    target: Prediction = "eps"
+    learn_sigma: bool = False
+    part: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in ("eps", "x0", "v"):
+            raise ValueError(f"unknown prediction target {self.target!r}; expected 'eps', 'x0' or 'v'")
+        if self.learn_sigma and self.part != 0:
+            raise ValueError("a learned variance lives in output part 1, so the prediction must be part 0")

@@ -1,46 +1,38 @@
 """The LightningModule every method is: autoencoder -> patchify -> corruption -> backbone -> objective.
 
-A method is this module plus defaults for its parts. To try a new objective, plug an :class:`Objective` by
-``class_path`` in YAML or override :meth:`MaskDiffModule.view_loss`; the training loop stays as it is.
+A method is this module plus defaults for its parts: it is assembled from small parts, each in its own file — the
+training step and data checks (here), the EMA (:mod:`~maskdiff.methods.ema`), generation
+(:mod:`~maskdiff.methods.generation`), inpainting (:mod:`~maskdiff.methods.inpainting`), the training guards
+(:mod:`~maskdiff.methods.guards`) — and the parts are checked against each other when it is built
+(:mod:`~maskdiff.methods.contracts`). To try a new objective, plug an :class:`Objective` by ``class_path`` in YAML or
+override :meth:`MaskDiffModule.view_loss`; the training loop stays as it is.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from typing import Any, ClassVar
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corrupted, Corruption
-from maskdiff.corruption.pixel_masks import as_pixel_mask, token_mask
-from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
+from maskdiff.methods.contracts import InpaintingMode, check_composition, generation_gap
+from maskdiff.methods.ema import BackboneEMA
+from maskdiff.methods.generation import Generation
+from maskdiff.methods.inpainting import Inpainting
+from maskdiff.methods.training import TrainingOptions, built_by_cli
 from maskdiff.objectives.base import Objective, ObjectiveOutput
 from maskdiff.samplers.base import Sampler
-from maskdiff.samplers.ddpm import DDPMSampler
-from maskdiff.samplers.denoiser import Denoiser
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
-from maskdiff.scale.compile import check_compile_kwargs, compile_in_place
+from maskdiff.scale.compile import compile_in_place
 
 
-def default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-
-
-def _built_by_cli() -> bool:
-    """True while LightningCLI (or ``load_from_checkpoint``) instantiates us with a config to save as hparams."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older/newer Lightning without the context variable
-        return False
-    return _given_hyperparameters.get() is not None
-
-
-class MaskDiffModule(TrainingGuards, L.LightningModule):
+class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
     """A masked-autoencoding / diffusion method as a composition of shared parts.
+
+    Subclasses (the methods) state only their defaults: the parts they default, and the options whose default
+    differs, passing everything else on with ``**kwargs`` (which LightningCLI resolves to these arguments).
 
     Args:
         backbone: token-to-token network (:class:`maskdiff.backbones.Backbone`).
@@ -49,17 +41,15 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         sampler: reverse process used by :meth:`generate` (generative methods).
         guidance: classifier-free guidance used by :meth:`generate`.
         autoencoder: maps images to the modelled space (``None`` = pixels).
-        optimizer: called with parameter groups (weight decay off for 1-D params and ``no_weight_decay``).
-        lr_scheduler: called with the optimizer; stepped every optimizer step.
         ema_decay: decay of the exponential moving average of the backbone (``None`` disables EMA).
         clip_x0: clamp x̂0 while sampling (1.0 for pixels in [-1, 1]; ``None`` for latents).
-        on_nonfinite: a non-finite loss or gradient ``stop``s the run before the optimizer step (the last
-            checkpoint stays good) or ``skip``s that step (:mod:`maskdiff.methods.guards`).
-        max_skipped_steps: with ``skip``, stop after this many skipped steps in a row.
-        compile_backbone: ``torch.compile`` the backbone (only it: not the EMA copy, the autoencoder or this
-            module) in :meth:`configure_model`, when a trainer runs the model; state-dict keys stay the same.
-        compile_kwargs: :func:`torch.compile` options, e.g. ``{mode: max-autotune}`` or ``{backend: aot_eager}``.
+        inpainting: ``repaint``, ``hidden_chain`` or ``reconstruct`` (:mod:`maskdiff.methods.inpainting`); ``None``:
+            the method's own (``default_inpainting``), or none for a method that cannot generate.
+        kwargs: the training options every module shares (optimizer, lr_scheduler, on_nonfinite, max_skipped_steps,
+            compile_backbone, compile_kwargs: :class:`~maskdiff.methods.training.TrainingOptions`).
     """
+
+    default_inpainting: ClassVar[InpaintingMode] = "repaint"
 
     def __init__(
         self,
@@ -69,44 +59,32 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         sampler: Sampler | None = None,
         guidance: ClassifierFreeGuidance | None = None,
         autoencoder: Autoencoder | None = None,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = 0.9999,
         clip_x0: float | None = None,
-        on_nonfinite: NonFiniteAction = "stop",
-        max_skipped_steps: int = 20,
-        compile_backbone: bool = False,
-        compile_kwargs: dict[str, Any] | None = None,
+        inpainting: InpaintingMode | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
         components = ["backbone", "corruption", "objective", "sampler", "guidance", "autoencoder", "optimizer", "lr_scheduler"]
-        self.save_hyperparameters(ignore=None if _built_by_cli() else components)
-        if objective.output_parts != backbone.output_parts:
-            raise ValueError(
-                f"{type(objective).__name__} expects the backbone to output {objective.output_parts} part(s) per token, "
-                f"but {type(backbone).__name__} outputs {backbone.output_parts} (check learn_sigma on both)"
-            )
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay {ema_decay} is outside [0, 1); expected e.g. 0.9999 or null to disable EMA")
+        self.save_hyperparameters(ignore=None if built_by_cli() else components)
+        if inpainting is None:
+            inpainting = self.default_inpainting
+            if inpainting != "reconstruct" and generation_gap(corruption, objective) is not None:
+                inpainting = None
+        check_composition(type(self).__name__, backbone, corruption, objective, sampler, inpainting)
         self.backbone = backbone
         self.corruption = corruption
         self.objective = objective
         self.sampler = sampler
         self.guidance = guidance
         self.autoencoder = autoencoder or PixelSpace()
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.ema_decay = ema_decay
         self.clip_x0 = clip_x0
-        self.init_guards(on_nonfinite, max_skipped_steps)
-        self.compile_backbone = compile_backbone
-        self.compile_kwargs = check_compile_kwargs(compile_kwargs)
+        self.inpainting = inpainting
         # id(parameter) -> decayed, fixed in configure_model before FSDP flattens the parameters.
         self._weight_decayed: dict[int, bool] | None = None
         # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
         self.inputs_pre_encoded = False
-        # The EMA copy is only ever run under an explicit eval() in generate(); it keeps train mode otherwise.
-        self.ema_backbone = copy.deepcopy(backbone).requires_grad_(False) if ema_decay is not None else None
+        self.init_ema(backbone, ema_decay)
 
     # ------------------------------------------------------------------------------------------ data flow
     @property
@@ -190,111 +168,6 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)
         return self.generate(labels, num=None if labels is not None else len(batch[0]), generator=generator)
 
-    # ------------------------------------------------------------------------------------------ EMA
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        if self.ema_backbone is None:
-            return
-        ema_params = list(self.ema_backbone.parameters())
-        live_params = list(self.backbone.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(live_params, ema_params)], 1 - self.ema_decay)
-        for ema_buffer, buffer in zip(self.ema_backbone.buffers(), self.backbone.buffers()):
-            ema_buffer.copy_(buffer)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA update: both are done before any ``on_train_batch_end`` callback (such
-        as a periodic ``ModelCheckpoint``) sees the step, so a checkpoint's EMA matches its weights."""
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
-
-    def inference_backbone(self, use_ema: bool = True) -> Backbone:
-        return self.ema_backbone if use_ema and self.ema_backbone is not None else self.backbone
-
-    # ------------------------------------------------------------------------------------------ generation
-    def denoiser(self, use_ema: bool = True, guidance: ClassifierFreeGuidance | None = None) -> Denoiser:
-        schedule = getattr(self.corruption, "schedule", None)
-        prediction = getattr(self.objective, "prediction", None)
-        if schedule is None or prediction is None:
-            raise ValueError(f"{type(self).__name__} is not generative: its corruption has no noise schedule")
-        return Denoiser(
-            self.inference_backbone(use_ema),
-            schedule,
-            prediction=prediction,
-            learn_sigma=self.objective.output_parts == 2 and getattr(self.objective, "learn_sigma", False),
-            guidance=guidance if guidance is not None else self.guidance,
-            clip_x0=self.clip_x0,
-            prediction_part=getattr(self.objective, "prediction_part", 0),
-            time_offset=getattr(self.corruption, "model_time_offset", 0),
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        labels: torch.Tensor | None = None,
-        num: int | None = None,
-        sampler: Sampler | None = None,
-        guidance: ClassifierFreeGuidance | None = None,
-        generator: torch.Generator | None = None,
-        use_ema: bool = True,
-        steps: int | None = None,
-    ) -> torch.Tensor:
-        """Sample images ``(B, C, H, W)``: one per label, or ``num`` unconditional ones."""
-        if labels is None and num is None:
-            raise ValueError("pass labels (class-conditional) or num (unconditional)")
-        batch = len(labels) if labels is not None else num
-        sampler = sampler or self.sampler or DDPMSampler()
-        denoiser = self.denoiser(use_ema, guidance)
-        was_training = denoiser.backbone.training
-        denoiser.backbone.eval()
-        shape = (batch, self.patchifier.num_tokens, self.patchifier.values_per_patch)
-        labels = labels.to(self.device) if labels is not None and self.conditional else None
-        tokens = sampler.sample(denoiser, shape, labels, generator=generator, device=self.device, steps=steps)
-        denoiser.backbone.train(was_training)
-        return self.autoencoder.decode(self.patchifier.unpatchify(tokens))
-
-    def inpainting_masks(self, images: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixel_mask`` checked against ``images (B, C, H, W)`` as bool ``(B, 1, H, W)``, and the token mask
-        ``(B, N)`` it implies (a token is generated if any of its pixels is); True = generate."""
-        pixel_mask = as_pixel_mask(pixel_mask, images)
-        return pixel_mask, token_mask(pixel_mask, self.autoencoder.downsample * self.patchifier.patch_size)
-
-    @torch.no_grad()
-    def inpaint(
-        self,
-        images: torch.Tensor,
-        pixel_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        sampler: Sampler | None = None,
-        guidance: ClassifierFreeGuidance | None = None,
-        generator: torch.Generator | None = None,
-        use_ema: bool = True,
-        steps: int | None = None,
-    ) -> torch.Tensor:
-        """Fill the masked pixels of ``images (B, C, H, W)`` in [-1, 1]; returns ``(B, C, H, W)``.
-
-        ``pixel_mask (B, 1, H, W)`` or ``(B, H, W)`` bool, True = generate (a batch of 1 is broadcast). A token is
-        generated if any of its pixels is masked (the mask is max-pooled over autoencoder downsample × patch
-        size); the sampler runs RePaint-style, replacing the known tokens by the encoded image noised to each step,
-        which suits models trained on full images. The known pixels are then pasted back, so they come out exactly
-        as given even where a latent autoencoder's round trip is lossy. Methods with a native conditional decoder
-        (MAE, DiffMAE) override this hook.
-        """
-        images = images.to(self.device)
-        pixel_mask, generate_tokens = self.inpainting_masks(images, pixel_mask)
-        known = self.to_tokens(images)
-        sampler = sampler or self.sampler or DDPMSampler()
-        denoiser = self.denoiser(use_ema, guidance)
-        labels = labels.to(self.device) if labels is not None and self.conditional else None
-        was_training = denoiser.backbone.training
-        denoiser.backbone.eval()
-        try:
-            tokens = sampler.sample(denoiser, tuple(known.shape), labels, generator=generator, known=known,
-                                    mask=generate_tokens, device=self.device, steps=steps)
-        finally:
-            denoiser.backbone.train(was_training)
-        generated = self.autoencoder.decode(self.patchifier.unpatchify(tokens)).to(images.dtype)
-        return torch.where(pixel_mask, generated, images)
-
     # ------------------------------------------------------------------------------------------ setup & optim
     def configure_model(self) -> None:
         """Compile the backbone when ``compile_backbone`` is set and a trainer runs the model (``load_from_checkpoint``
@@ -353,11 +226,7 @@ class MaskDiffModule(TrainingGuards, L.LightningModule):
         for param in self.parameters():
             if param.requires_grad:
                 (decay if decayed[id(param)] else no_decay).append(param)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.with_scheduler(self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -28,9 +28,8 @@ import math
 import re
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.data import Mixup
 from timm.layers import DropPath
@@ -40,15 +39,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from maskdiff.backbones.base import Backbone
-from maskdiff.evaluation.features import (
-    FeatureSpec,
-    backbone_features,
-    images_to_tokens,
-    resolve_spec,
-)
-from maskdiff.methods.base import _built_by_cli
-from maskdiff.methods.guards import NonFiniteAction, TrainingGuards
-from maskdiff.scale.compile import check_compile_kwargs, compile_in_place
+from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.methods.checkpoints import load_method
+from maskdiff.methods.training import TrainingOptions, built_by_cli
+from maskdiff.scale.compile import compile_in_place
 
 BLOCK_NAME = re.compile(r"^(blocks|en_inblocks|en_outblocks)\.(\d+)\.")
 LAST_LAYER = math.inf
@@ -95,7 +89,7 @@ def set_drop_path(backbone: Backbone, rate: float) -> None:
         block.drop_path2 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
 
 
-class FineTune(TrainingGuards, L.LightningModule):
+class FineTune(TrainingOptions):
     """Fine-tune a pre-trained maskdiff backbone for classification: features -> pooling -> linear head.
 
     Args:
@@ -114,10 +108,9 @@ class FineTune(TrainingGuards, L.LightningModule):
         head_dropout: dropout on the pooled features before the head (MAE-ST's Kinetics fine-tune: 0.3; 0 = off).
         optimizer: called with the parameter groups (default AdamW lr 1e-3, wd 0.05); 1-D parameters and the
             backbone's ``no_weight_decay``, cls and position tokens get no weight decay.
-        lr_scheduler: called with the optimizer; stepped every optimizer step.
-        on_nonfinite, max_skipped_steps: the non-finite guard, as for every method (:mod:`maskdiff.methods.guards`).
-        compile_backbone: ``torch.compile`` the backbone's ``forward_features`` once it is built (fit/validate only).
-        compile_kwargs: :func:`torch.compile` options, e.g. ``{mode: max-autotune}``.
+        kwargs: the training options every module shares (lr_scheduler, on_nonfinite, max_skipped_steps,
+            compile_backbone: here the backbone's ``forward_features``, compile_kwargs:
+            :class:`~maskdiff.methods.training.TrainingOptions`).
     """
 
     def __init__(
@@ -134,17 +127,10 @@ class FineTune(TrainingGuards, L.LightningModule):
         label_smoothing: float = 0.0,
         head_dropout: float = 0.0,
         optimizer: OptimizerCallable = default_finetune_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        on_nonfinite: NonFiniteAction = "stop",
-        max_skipped_steps: int = 20,
-        compile_backbone: bool = False,
-        compile_kwargs: dict[str, Any] | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=None if _built_by_cli() else ["optimizer", "lr_scheduler"])
-        self.init_guards(on_nonfinite, max_skipped_steps)
-        self.compile_backbone = compile_backbone
-        self.compile_kwargs = check_compile_kwargs(compile_kwargs)
+        super().__init__(optimizer=optimizer, **kwargs)
+        self.save_hyperparameters(ignore=None if built_by_cli() else ["optimizer", "lr_scheduler"])
         if pooling not in ("mean", "cls"):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of mean, cls")
         if weights not in ("ema", "raw"):
@@ -170,8 +156,6 @@ class FineTune(TrainingGuards, L.LightningModule):
         self.cutmix_alpha = cutmix
         self.label_smoothing = label_smoothing
         self.head_dropout = head_dropout
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self.backbone: Backbone | None = None
         self.spec: FeatureSpec | None = None
 
@@ -193,8 +177,6 @@ class FineTune(TrainingGuards, L.LightningModule):
             return
         if self.num_classes is None:
             raise ValueError("FineTune: num_classes is unknown; set model.init_args.num_classes")
-        from maskdiff.methods.checkpoints import load_method
-
         method = load_method(self.ckpt, map_location="cpu")
         use_ema = self.weights == "ema" and method.ema_backbone is not None
         if self.weights == "ema" and not use_ema:
@@ -280,7 +262,7 @@ class FineTune(TrainingGuards, L.LightningModule):
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)`` -> pooled, normed features ``(B, D)``."""
         self.check_inputs(inputs)
-        tokens = images_to_tokens(self, inputs)
+        tokens = self.to_tokens(inputs)
         return self.fc_norm(backbone_features(self.backbone, tokens, self.spec))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -360,7 +342,4 @@ class FineTune(TrainingGuards, L.LightningModule):
         optimizer = self.optimizer_factory(self.param_groups())
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.with_scheduler(optimizer)

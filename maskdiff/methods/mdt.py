@@ -5,16 +5,10 @@ At inference the backbone runs unmasked (no side-interpolater); guidance default
 
 from __future__ import annotations
 
-from typing import Any
-
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-
-from maskdiff.autoencoders.base import Autoencoder
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.noising import MaskedNoise
-from maskdiff.methods.base import MaskDiffModule, default_optimizer
-from maskdiff.methods.guards import NonFiniteAction
+from maskdiff.methods.base import MaskDiffModule
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.diffusion import DiffusionLoss
 from maskdiff.samplers.base import Sampler
@@ -25,7 +19,8 @@ from maskdiff.samplers.guidance import ClassifierFreeGuidance
 class MDT(MaskDiffModule):
     """Gao et al.'s recipe. ``None`` parts take MDT's defaults: ``MaskedNoise(0.3)`` (two views, same t,
     independent noise), the DiT hybrid loss on all tokens of both views (summed), DDPM-250 and power-cosine
-    guidance (scale 3.8, power 4). For MDTv2 set ``max_mask_ratio: 0.5`` and ``weighting: min_snr`` in YAML."""
+    guidance (scale 3.8, power 4). For MDTv2 set ``max_mask_ratio: 0.5`` and ``weighting: min_snr`` in YAML.
+    Other options: :class:`~maskdiff.methods.base.MaskDiffModule`."""
 
     def __init__(
         self,
@@ -34,30 +29,13 @@ class MDT(MaskDiffModule):
         objective: Objective | None = None,
         sampler: Sampler | None = None,
         guidance: ClassifierFreeGuidance | None = None,
-        autoencoder: Autoencoder | None = None,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        ema_decay: float | None = 0.9999,
-        clip_x0: float | None = None,
-        on_nonfinite: NonFiniteAction = "stop",
-        max_skipped_steps: int = 20,
-        compile_backbone: bool = False,
-        compile_kwargs: dict[str, Any] | None = None,
+        **kwargs,
     ) -> None:
-        learn_sigma = getattr(backbone, "learn_sigma", True)
         super().__init__(
             backbone=backbone,
             corruption=corruption if corruption is not None else MaskedNoise(0.3),
-            objective=objective if objective is not None else DiffusionLoss("eps", learn_sigma=learn_sigma),
+            objective=objective if objective is not None else DiffusionLoss("eps", learn_sigma=backbone.output_parts == 2),
             sampler=sampler if sampler is not None else DDPMSampler(250),
             guidance=guidance if guidance is not None else ClassifierFreeGuidance(3.8, schedule="power_cosine", power=4.0),
-            autoencoder=autoencoder,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            ema_decay=ema_decay,
-            clip_x0=clip_x0,
-            on_nonfinite=on_nonfinite,
-            max_skipped_steps=max_skipped_steps,
-            compile_backbone=compile_backbone,
-            compile_kwargs=compile_kwargs,
+            **kwargs,
         )

@@ -7,41 +7,33 @@ the DiT-like, MaskDiT-like and MAE-like baselines of the paper are the same meth
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from maskdiff.autoencoders.base import Autoencoder
 from maskdiff.backbones.base import Backbone
 from maskdiff.corruption.base import Corruption
 from maskdiff.corruption.noising import UnifiedMaskedNoise
 from maskdiff.methods.base import MaskDiffModule
-from maskdiff.methods.guards import NonFiniteAction
+from maskdiff.methods.checkpoints import load_backbone_weights
 from maskdiff.objectives.base import Objective
 from maskdiff.objectives.dual import DualPredictionLoss
+from maskdiff.optim import mae_adamw
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddim import DDIMSampler
-from maskdiff.samplers.guidance import ClassifierFreeGuidance
-
-
-def umd_optimizer(params) -> torch.optim.Optimizer:
-    """UMD's AdamW: betas (0.9, 0.95), weight decay 0.05, lr 1.5e-4 (scale it by batch / 256: 6e-4 at 1024)."""
-    return torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
 
 class UMD(MaskDiffModule):
     """``None`` parts take UMD's defaults: :class:`UnifiedMaskedNoise` (r = 0.5, 75% / 37.5% masks, cosine β),
     :class:`DualPredictionLoss`, DDIM with 125 steps and η = 1, and guidance on all output channels when a scale is
-    given. Clip x̂0 to [-1, 1] in pixel space (``clip_x0: 1.0``), not for latents.
+    given, AdamW as MAE's (betas 0.9/0.95, weight decay 0.05, lr 1.5e-4: scale it by batch / 256) and no EMA. Clip x̂0
+    to [-1, 1] in pixel space (``clip_x0: 1.0``), not for latents.
 
     Args:
         init_from: a maskdiff checkpoint whose backbone weights start this run (the class-conditional fine-tune of a
             pre-training: parameters it lacks, such as a new label embedder, keep their init and are listed).
             Loaded in ``configure_model``, before Lightning restores a resumed run, so ``--ckpt_path`` still wins.
         init_weights: ``ema`` or ``raw`` weights of ``init_from``.
-        Others: see :class:`~maskdiff.methods.base.MaskDiffModule`.
+        Other options: :class:`~maskdiff.methods.base.MaskDiffModule`.
     """
 
     def __init__(
@@ -50,18 +42,11 @@ class UMD(MaskDiffModule):
         corruption: Corruption | None = None,
         objective: Objective | None = None,
         sampler: Sampler | None = None,
-        guidance: ClassifierFreeGuidance | None = None,
-        autoencoder: Autoencoder | None = None,
-        optimizer: OptimizerCallable = umd_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        optimizer: OptimizerCallable = mae_adamw,
         ema_decay: float | None = None,
-        clip_x0: float | None = None,
-        on_nonfinite: NonFiniteAction = "stop",
-        max_skipped_steps: int = 20,
-        compile_backbone: bool = False,
-        compile_kwargs: dict[str, Any] | None = None,
         init_from: str | None = None,
         init_weights: str = "ema",
+        **kwargs,
     ) -> None:
         if init_weights not in ("ema", "raw"):
             raise ValueError(f"init_weights {init_weights!r} is invalid; expected 'ema' or 'raw'")
@@ -70,16 +55,9 @@ class UMD(MaskDiffModule):
             corruption=corruption if corruption is not None else UnifiedMaskedNoise(),
             objective=objective if objective is not None else DualPredictionLoss(),
             sampler=sampler if sampler is not None else DDIMSampler(125, eta=1.0),
-            guidance=guidance,
-            autoencoder=autoencoder,
             optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
             ema_decay=ema_decay,
-            clip_x0=clip_x0,
-            on_nonfinite=on_nonfinite,
-            max_skipped_steps=max_skipped_steps,
-            compile_backbone=compile_backbone,
-            compile_kwargs=compile_kwargs,
+            **kwargs,
         )
         self.init_from = init_from
         self.init_weights = init_weights
@@ -91,8 +69,6 @@ class UMD(MaskDiffModule):
         super().configure_model()
         if self.init_from is None or self._initialised or self._trainer is None:
             return
-        from maskdiff.methods.checkpoints import load_backbone_weights
-
         fresh = load_backbone_weights(self.backbone, self.init_from, use_ema=self.init_weights == "ema")
         if self.ema_backbone is not None:
             self.ema_backbone.load_state_dict(self.backbone.state_dict())

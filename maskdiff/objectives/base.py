@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from maskdiff.corruption.base import Corrupted
+from maskdiff.diffusion.parameterization import Parameterization
+
+Region = Literal["all", "masked", "visible"]
 
 
 @dataclass
@@ -29,11 +33,25 @@ def region_mean(values: torch.Tensor, region_weights: torch.Tensor | None) -> to
 class Objective(nn.Module):
     """``forward(prediction (B, N, P_out), view: Corrupted) -> ObjectiveOutput``.
 
-    ``output_parts`` is how many token-layout blocks the objective expects the backbone to output
-    (2 for learned variance or a dual [x0 ‖ ε] head); methods check it against the backbone before training.
+    What an objective declares (methods check it against the other parts when they are built):
+
+    Attributes:
+        output_parts: how many token-layout blocks the backbone must output (2 for a learned variance or UMD's
+            dual [x0 ‖ ε] head).
+        parameterization: how the backbone's output is read when sampling (target ε / x0 / v, learned variance,
+            which output part); ``None`` for objectives that are not generative (MAE's reconstruction). A method with
+            a sampler needs one.
+        needs_noise: the loss reads the view's timesteps, noise and schedule, so the corruption must add noise.
+        region: the tokens the loss covers: ``all``, or ``masked`` / ``visible`` (the corruption must mask).
+        norm_pix: the backbone predicts per-patch standardised pixels (MAE's norm-pix target), which
+            reconstructions map back to pixels.
     """
 
     output_parts: int = 1
+    parameterization: Parameterization | None = None
+    needs_noise: bool = False
+    region: Region = "all"
+    norm_pix: bool = False
 
     def forward(self, prediction: torch.Tensor, view: Corrupted) -> ObjectiveOutput:
         raise NotImplementedError

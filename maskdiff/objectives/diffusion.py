@@ -7,12 +7,11 @@ from typing import Literal
 import torch
 
 from maskdiff.corruption.base import Corrupted
-from maskdiff.diffusion.parameterization import Prediction, target_for
-from maskdiff.objectives.base import Objective, ObjectiveOutput, region_mean
+from maskdiff.diffusion.parameterization import Parameterization, Prediction, target_for
+from maskdiff.objectives.base import Objective, ObjectiveOutput, Region, region_mean
 from maskdiff.objectives.vlb import vlb_terms
 
 Weighting = Literal["uniform", "min_snr"]
-Region = Literal["all", "masked", "visible"]
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
@@ -60,6 +59,9 @@ class DiffusionLoss(Objective):
         self.weighting = weighting
         self.min_snr_gamma = min_snr_gamma
         self.region = region
+        self.parameterization = Parameterization(prediction, learn_sigma)
+
+    needs_noise = True
 
     def forward(self, prediction: torch.Tensor, view: Corrupted) -> ObjectiveOutput:
         if view.noise is None or view.t is None or view.schedule is None:

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from maskdiff.corruption.base import Corrupted
+from maskdiff.diffusion.parameterization import Parameterization
 from maskdiff.objectives.base import Objective, ObjectiveOutput, region_mean
 
 
@@ -29,6 +30,7 @@ class DualPredictionLoss(Objective):
     """
 
     output_parts = 2
+    needs_noise = True
 
     def __init__(self, eps_weight: float = 0.5, x0_weight: float = 0.5, sample_with: Literal["eps", "x0"] = "eps") -> None:
         super().__init__()
@@ -36,9 +38,7 @@ class DualPredictionLoss(Objective):
             raise ValueError(f"sample_with {sample_with!r} is invalid; expected 'eps' or 'x0'")
         self.eps_weight = eps_weight
         self.x0_weight = x0_weight
-        self.prediction = sample_with
-        self.prediction_part = 1 if sample_with == "eps" else 0
-        self.learn_sigma = False
+        self.parameterization = Parameterization(sample_with, part=1 if sample_with == "eps" else 0)
 
     def forward(self, prediction: torch.Tensor, view: Corrupted) -> ObjectiveOutput:
         x0_hat, eps_hat = self.split(prediction, view)

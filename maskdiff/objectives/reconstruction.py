@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from maskdiff.corruption.base import Corrupted
-from maskdiff.objectives.base import Objective, ObjectiveOutput, region_mean
-from maskdiff.objectives.diffusion import Region
+from maskdiff.objectives.base import Objective, ObjectiveOutput, Region, region_mean
 
 
 def normalize_patches(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

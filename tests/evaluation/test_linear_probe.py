@@ -8,7 +8,8 @@ from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.cli import main
 from maskdiff.evaluation import linear_probe
-from maskdiff.evaluation.features import FeatureSpec, extract_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_features
 from maskdiff.evaluation.lars import LARS
 from maskdiff.evaluation.linear_probe import probe, run_linear_probe
 from tests.helpers import DEBUG_CONFIG

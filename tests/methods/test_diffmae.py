@@ -9,7 +9,6 @@ from maskdiff.backbones import create_backbone
 from maskdiff.backbones.diffmae import EncoderContext
 from maskdiff.cli import main
 from maskdiff.corruption import MaskedPatchNoise
-from maskdiff.evaluation.features import is_time_conditioned
 from maskdiff.methods import DiffMAE
 from maskdiff.samplers import DDPMSampler
 from tests.helpers import CONFIGS, config_in
@@ -75,7 +74,7 @@ def test_encoder_sees_exactly_the_clean_visible_tokens():
     changed = view.tokens.clone()
     changed[0, view.masking.ids_keep[0, 0]] += 1.0
     assert not torch.allclose(model.forward_features(changed, masking=view.masking)[0], first[0])
-    assert not is_time_conditioned(model)
+    assert model.takes_timesteps and not model.features_take_timesteps
 
 
 @pytest.mark.parametrize("t_conditioning", ["add", "adaln"])

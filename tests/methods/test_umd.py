@@ -9,7 +9,8 @@ from maskdiff.backbones import UMD as UMDBackbone
 from maskdiff.backbones.embeddings import timestep_frequencies
 from maskdiff.methods.checkpoints import load_backbone_weights
 from maskdiff.corruption import UnifiedMaskedNoise
-from maskdiff.evaluation.features import FeatureSpec, extract_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_features
 from maskdiff.methods import UMD
 from maskdiff.objectives import DualPredictionLoss
 from maskdiff.samplers import DDIMSampler
@@ -150,9 +151,8 @@ def test_probe_reads_the_mean_of_the_registers_at_timestep_zero_without_mask():
     assert encoded.shape == (3, 4 + 16, 32)
     torch.testing.assert_close(features, encoded[:, :4].mean(dim=1))
     # the default pooling of a UMD backbone is the register mean
-    from maskdiff.evaluation.features import default_pooling
 
-    assert default_pooling(module.backbone) == "prefix_mean"
+    assert module.backbone.default_pooling == "prefix_mean"
 
 
 def test_time_embedding_is_sin_first_with_tensor2tensor_spacing():

@@ -8,7 +8,8 @@ from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.cli import MaskDiffCLI
 from maskdiff.data.moving_digits import render_moving_digits
-from maskdiff.evaluation.features import FeatureSpec, extract_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_features
 from maskdiff.methods import DiffMAE
 from maskdiff.methods.finetune import FineTune
 from tests.helpers import CONFIGS, config_in

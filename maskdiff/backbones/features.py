@@ -1,0 +1,94 @@
+"""Frozen features of a backbone for probes and fine-tuning: which tokens, after which block, at which timestep.
+
+A :class:`FeatureSpec` names the protocol; :func:`backbone_features` applies it to tokens.
+
+Timesteps: a backbone whose features are conditioned on timesteps (``features_take_timesteps``: DiT, MDT, UMD) is
+always run at one fixed timestep for every image. ``timestep=None`` resolves to 0 for such backbones (the least noisy
+level; UMD's "t=0 = clean" convention) and is logged; other backbones (MAE, DiffMAE's encoder) refuse a timestep. The
+input is the clean image either way: the timestep only conditions the network, no noise is added.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, get_args
+
+import torch
+
+from maskdiff.backbones.base import Backbone, Pooling
+
+log = logging.getLogger("maskdiff.features")
+
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How features are taken from a backbone.
+
+    Args:
+        pooling: ``cls``: the first prefix token (needs ``num_prefix_tokens >= 1``); ``mean``: the mean of the
+            patch tokens, prefix tokens excluded; ``prefix_mean``: the mean of the prefix tokens (UMD's registers).
+        depth: run the first ``depth`` encoder blocks (0..``num_blocks``; no final norm); ``None``: all blocks and
+            the encoder's final norm if it has one (MAE's linear-probe features).
+        timestep: the timestep a time-conditioned backbone is conditioned on (``None``: 0, logged); must be
+            ``None`` for backbones without timestep conditioning.
+        use_ema: take the EMA backbone of a method when it has one.
+    """
+
+    pooling: Pooling = "cls"
+    depth: int | None = None
+    timestep: int | None = None
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if self.depth is not None and (not isinstance(self.depth, int) or self.depth < 0):
+            raise ValueError(f"depth {self.depth!r} is invalid; expected null (all blocks + final norm) or an int >= 0")
+        if self.timestep is not None and (not isinstance(self.timestep, int) or self.timestep < 0):
+            raise ValueError(f"timestep {self.timestep!r} is invalid; expected null or an int >= 0")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pooling": self.pooling, "depth": self.depth, "timestep": self.timestep,
+                "weights": "ema" if self.use_ema else "raw"}
+
+
+def resolve_spec(backbone: Backbone, spec: FeatureSpec) -> FeatureSpec:
+    """``spec`` checked against ``backbone``, with ``timestep=None`` resolved to 0 for time-conditioned backbones."""
+    prefix = backbone.num_prefix_tokens
+    name = type(backbone).__name__
+    if spec.pooling in ("cls", "prefix_mean") and prefix < 1:
+        raise ValueError(f"pooling '{spec.pooling}' needs a cls/prefix token, but {name} has num_prefix_tokens={prefix}; use pooling 'mean'")
+    if spec.depth is not None and spec.depth > backbone.num_blocks:
+        raise ValueError(
+            f"depth {spec.depth} is out of range; {name} has encoder blocks 0..{backbone.num_blocks} "
+            "(or null for all blocks + final norm)"
+        )
+    if backbone.features_take_timesteps:
+        if spec.timestep is None:
+            log.warning("%s is time-conditioned and no timestep was given: probing at timestep 0", name)
+            return replace(spec, timestep=0)
+    elif spec.timestep is not None:
+        raise ValueError(f"timestep {spec.timestep} was given, but {name} is not conditioned on timesteps; use timestep null")
+    return spec
+
+
+def pool_tokens(features: torch.Tensor, pooling: Pooling, num_prefix_tokens: int) -> torch.Tensor:
+    """``(B, num_prefix_tokens + N, D)`` -> ``(B, D)``: the first token (``cls``), the mean of the prefix tokens
+    (``prefix_mean``) or the mean of the N patch tokens (``mean``)."""
+    if pooling == "cls":
+        return features[:, 0]
+    if pooling == "prefix_mean":
+        return features[:, :num_prefix_tokens].mean(dim=1)
+    return features[:, num_prefix_tokens:].mean(dim=1)
+
+
+def backbone_features(backbone: Backbone, tokens: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """Pooled features ``(B, D)`` of ``tokens (B, N, P)`` under a resolved ``spec`` (keeps the autograd graph)."""
+    t = None
+    if spec.timestep is not None:
+        t = torch.full((tokens.shape[0],), spec.timestep, dtype=torch.long, device=tokens.device)
+    features = backbone.forward_features(tokens, t=t, depth=spec.depth)
+    return pool_tokens(features, spec.pooling, backbone.num_prefix_tokens)
