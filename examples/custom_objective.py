@@ -1,17 +1,18 @@
-"""Try a new objective without touching the training loop: two ways, both run through the maskdiff CLI.
+"""Extend maskdiff from your own file, through the maskdiff CLI, without touching the training loop.
 
-1. Plug an :class:`~maskdiff.objectives.Objective` by ``class_path`` (here a pseudo-Huber ε loss).
-2. Subclass a method and override :meth:`~maskdiff.methods.MaskDiffModule.view_loss` (here: also log the loss
-   per timestep bucket, a common diagnostic).
+1. ``objective`` (the default): a v-prediction objective written from scratch. It declares its
+   :class:`~maskdiff.diffusion.Parameterization`, so the method checks it against the other parts when it is built
+   and samples from it; a subclass of DiT also logs the loss per timestep bucket (overriding ``view_loss``).
+2. ``block``: MAE on the digits with BEiT-style block masking (``configs/maskers/block.yaml``), a masker plugged by
+   ``class_path`` into the corruption.
 
-Usage (trains the CPU debug DiT on the embedded digits; any ``maskdiff fit`` flag can be appended):
+Usage (the embedded digits, on CPU; any ``maskdiff fit`` flag can be appended):
 
-    python examples/custom_objective.py
-    python examples/custom_objective.py --trainer.max_steps 200 --model.init_args.objective.init_args.c 0.03
+    python examples/custom_objective.py objective --trainer.max_steps 200
+    python examples/custom_objective.py block --trainer.max_steps 200
 
-In YAML, the same objective is selected with
-``objective: {class_path: custom_objective.PseudoHuberLoss, init_args: {c: 0.01}}`` when ``examples/`` is on
-``PYTHONPATH``.
+In YAML, the objective is ``objective: {class_path: custom_objective.VelocityLoss}``, with ``examples/`` importable
+(run from ``examples/`` or put it on ``PYTHONPATH``); a backbone for it outputs one part (``learn_sigma: false``).
 """
 
 from __future__ import annotations
@@ -21,59 +22,63 @@ from pathlib import Path
 
 import torch
 
-from maskdiff.cli import MaskDiffCLI
 from maskdiff.corruption import Corrupted
-from maskdiff.diffusion.parameterization import target_for
+from maskdiff.diffusion import Parameterization
 from maskdiff.methods import DiT
-from maskdiff.objectives import DiffusionLoss, ObjectiveOutput, region_mean
+from maskdiff.objectives import Objective, ObjectiveOutput, region_mean
+from maskdiff.tools.lightning_cli import MaskDiffCLI
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-class PseudoHuberLoss(DiffusionLoss):
-    """``sqrt((pred - target)^2 + c^2) - c`` instead of the squared error (Song & Dhariwal's consistency
-    training loss); the learned-variance VLB term of :class:`DiffusionLoss` is kept.
+class VelocityLoss(Objective):
+    """MSE to the velocity ``v = √ᾱ_t ε - √(1-ᾱ_t) x0`` on every token (Salimans & Ho's v-prediction).
 
-    Args:
-        c: transition scale between quadratic and linear behaviour.
-        learn_sigma: the backbone also predicts the variance.
+    Declares what the method checks: the loss needs noised views (``needs_noise``), the backbone's single output
+    part is read as v when sampling (``parameterization``).
     """
 
-    def __init__(self, c: float = 0.01, learn_sigma: bool = True) -> None:
-        super().__init__(prediction="eps", learn_sigma=learn_sigma)
-        self.c = c
+    needs_noise = True
+    parameterization = Parameterization("v")
 
     def forward(self, prediction: torch.Tensor, view: Corrupted) -> ObjectiveOutput:
-        standard = super().forward(prediction, view)
-        mean_output = self.split(prediction, view)[0]
         alpha, sigma = view.schedule.alpha_sigma(view.t, view.clean)
-        target = target_for(self.prediction, view.clean, view.noise, alpha, sigma)
-        huber = region_mean(torch.sqrt((mean_output - target) ** 2 + self.c**2) - self.c, None).mean()
-        vlb = standard.parts.get("vlb", torch.zeros(()))
-        return ObjectiveOutput(loss=huber + self.vlb_weight * vlb, parts={**standard.parts, "pseudo_huber": huber.detach()})
+        target = alpha * view.noise - sigma * view.clean
+        loss = region_mean((prediction - target) ** 2, None).mean()
+        return ObjectiveOutput(loss=loss, parts={"v_mse": loss.detach()})
 
 
 class BucketedDiT(DiT):
-    """DiT that also logs its training loss in four timestep buckets (early ... late in the chain)."""
+    """DiT that also logs the mean timestep bucket (0..3, early ... late in the chain) of each training view."""
 
     def view_loss(self, view: Corrupted, labels: torch.Tensor | None) -> ObjectiveOutput:
         output = super().view_loss(view, labels)
         if self.training and view.t is not None:
-            bucket = (view.t * 4 // view.schedule.num_steps).float().mean()
-            output.parts["t_bucket_mean"] = bucket
+            output.parts["t_bucket_mean"] = (view.t * 4 // view.schedule.num_steps).float().mean()
         return output
 
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dit" / "dit_debug_cpu.yaml"
+RUNS = {
+    "objective": [
+        "--config", str(CONFIGS / "dit" / "dit_debug_cpu.yaml"),
+        "--model", f"{__name__}.BucketedDiT",
+        "--model.init_args.backbone.init_args.learn_sigma", "false",
+        "--model.init_args.objective", f"{__name__}.VelocityLoss",
+        "--trainer.logger.init_args.name", "custom_objective",
+    ],
+    "block": [
+        "--config", str(CONFIGS / "mae" / "mae_digits.yaml"),
+        "--config", str(CONFIGS / "maskers" / "block.yaml"),
+        "--trainer.logger.init_args.name", "mae_block_masking",
+    ],
+}
 
 
 def main(argv: list[str] | None = None) -> MaskDiffCLI:
-    args = [
-        "fit",
-        "--config", str(CONFIG),
-        "--model", f"{__name__}.BucketedDiT",
-        "--model.init_args.objective", f"{__name__}.PseudoHuberLoss",
-        "--trainer.logger.init_args.name", "custom_objective",
-    ]
-    return MaskDiffCLI(args=args + list(sys.argv[1:] if argv is None else argv))
+    """``argv``: ``[objective|block, maskdiff fit flags...]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    run = args.pop(0) if args and args[0] in RUNS else "objective"
+    return MaskDiffCLI(args=["fit", *RUNS[run], *args])
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ class Autoencoder:
     Attributes:
         downsample: spatial factor f.
         latent_channels: C' (``None`` = same as the data's channels).
+        scale_factor: the factor latents are multiplied by after encoding (``None``: none, e.g. pixels).
     """
 
     downsample: int = 1
     latent_channels: int | None = None
+    scale_factor: float | None = None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

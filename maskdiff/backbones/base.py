@@ -83,6 +83,11 @@ class Backbone(nn.Module):
         """Encoder blocks that ``forward_features(depth=...)`` can stop after."""
         raise NotImplementedError
 
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The encoder's transformer blocks in order, the ``num_blocks`` that ``forward_features(depth=...)`` counts."""
+        return list(self.blocks)[: self.num_blocks]
+
     def encode_context(self, tokens: torch.Tensor, masking: Masking):
         """Run the encoder once on the tokens ``masking`` keeps, for :meth:`decode_hidden` (backbones with
         ``hidden_tokens == "noised"``, whose decoder denoises the hidden tokens: DiffMAE)."""

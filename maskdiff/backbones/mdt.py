@@ -248,6 +248,10 @@ class MDTv2(_MaskedDiffusionTransformer):
     def num_blocks(self) -> int:
         return 2 * len(self.en_inblocks)
 
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        return [*self.en_inblocks, *self.en_outblocks]
+
     def encode(self, x, c, masking, depth=None):
         ids_keep = None if masking is None else masking.ids_keep
         depth = self.num_blocks if depth is None else depth

@@ -210,7 +210,7 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
                 f"but the backbone expects input_size {patchifier.input_size}"
             )
         expected_channels = channels if pre_encoded else self.autoencoder.latent_channels or channels
-        data_scale, model_scale = getattr(datamodule, "scale_factor", None), getattr(self.autoencoder, "scale_factor", None)
+        data_scale, model_scale = getattr(datamodule, "scale_factor", None), self.autoencoder.scale_factor
         if pre_encoded and data_scale is not None and model_scale is not None and abs(data_scale - model_scale) > 1e-6:
             raise ValueError(f"the latents were scaled by {data_scale} but the autoencoder uses scale_factor {model_scale}")
         if expected_channels is not None and expected_channels != patchifier.channels:

@@ -9,9 +9,7 @@ the optimizer. A time-conditioned backbone (DiT, MDT) runs at one fixed ``timest
 null class (labels never enter the backbone).
 
 Layer-wise lr decay uses :func:`timm.optim.param_groups_layer_decay` with :meth:`FineTune.group_matcher`, which
-numbers parameters as MAE's ``param_groups_lrd`` does: embeddings and tokens (top-level names containing ``embed``
-or ``token``) are layer 0, encoder block ``i`` (``blocks.i``; MDTv2 ``en_inblocks.i`` then ``en_outblocks.i``) is
-layer ``i + 1``, everything else (final norm, ``fc_norm``, head) is the last layer. A group's lr is the optimizer's
+numbers parameters as MAE does (:mod:`maskdiff.methods.layer_decay`). A group's lr is the optimizer's
 lr × ``layer_decay ** (last - layer)``; its ``lr_scale`` is kept in the group.
 
 Video: when the backbone's patchifier has ``frames`` (a DiffMAE or MAE video backbone), batches are clips
@@ -24,15 +22,12 @@ Evaluation sees one clip per sample (single view); a data module that yields sev
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.data import Mixup
-from timm.layers import DropPath
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
@@ -41,52 +36,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
 from maskdiff.methods.checkpoints import load_method
+from maskdiff.methods.layer_decay import FINETUNE_NO_DECAY, LAST_LAYER, encoder_layer, set_drop_path
 from maskdiff.methods.training import TrainingOptions, built_by_cli
 from maskdiff.scale.compile import compile_in_place
-
-BLOCK_NAME = re.compile(r"^(blocks|en_inblocks|en_outblocks)\.(\d+)\.")
-LAST_LAYER = math.inf
-# timm ViT's ``no_weight_decay`` (MAE's main_finetune passes it to param_groups_lrd): no decay on cls/pos tokens.
-FINETUNE_NO_DECAY = frozenset({"cls_token", "pos_embed", "dist_token"})
-
 
 def default_finetune_optimizer(params) -> torch.optim.Optimizer:
     """MAE fine-tuning's AdamW: betas (0.9, 0.999), weight decay 0.05, lr 1e-3 (MAE: blr 5e-4..1e-3 × batch / 256)."""
     return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05)
-
-
-def encoder_layer(backbone: Backbone, name: str) -> float:
-    """Layer id of the backbone parameter ``name``: 0 for embeddings/tokens, ``i + 1`` for encoder block ``i``,
-    ``inf`` (the last layer) for everything else, decoder blocks included."""
-    match = BLOCK_NAME.match(name)
-    if match:
-        kind, index = match.group(1), int(match.group(2))
-        if kind == "en_outblocks":
-            index += len(backbone.en_inblocks)
-        return index + 1 if index < backbone.num_blocks else LAST_LAYER
-    top = name.split(".", 1)[0]
-    return 0 if ("embed" in top or "token" in top) else LAST_LAYER
-
-
-def set_drop_path(backbone: Backbone, rate: float) -> None:
-    """Stochastic depth rising linearly from 0 to ``rate`` over the encoder blocks (timm ``Block``'s ``drop_path1/2``).
-
-    Raises ValueError when ``rate > 0`` and the encoder blocks have no drop path (e.g. DiT's adaLN blocks).
-    """
-    blocks = list(getattr(backbone, "blocks", []))[: backbone.num_blocks]
-    supported = bool(blocks) and all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks)
-    if not supported:
-        if rate > 0:
-            kind = type(blocks[0]).__name__ if blocks else "no `blocks`"
-            raise ValueError(
-                f"drop_path_rate {rate} needs encoder blocks with drop paths (timm ViT Block, as in MAE), but "
-                f"{type(backbone).__name__} has {kind}; use drop_path_rate 0"
-            )
-        return
-    for index, block in enumerate(blocks):
-        block_rate = rate * index / (len(blocks) - 1) if len(blocks) > 1 else 0.0
-        block.drop_path1 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
-        block.drop_path2 = DropPath(block_rate) if block_rate > 0 else nn.Identity()
 
 
 class FineTune(TrainingOptions):

@@ -74,7 +74,7 @@ class TrainingGuards(L.LightningModule):
 
     def _step_finite(self) -> tuple[bool, bool]:
         """(loss finite, loss and every gradient finite), read from the device once."""
-        loss = getattr(self, "_step_loss", None)
+        loss = self._step_loss
         values = [] if loss is None else [loss.float().reshape(1)]
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         values += [norm.float().reshape(1) for norm in torch._foreach_norm(grads)] if grads else []

@@ -46,7 +46,7 @@ def test_block_masker_hides_a_fixed_count_in_blocks(ratio):
     shuffle = torch.argsort(masking.ids_restore, dim=1)
     assert torch.equal(masking.mask.gather(1, shuffle)[:, : 64 - hidden], torch.zeros(64, 64 - hidden, dtype=torch.bool))
     random = RandomMasker().mask(64, (8, 8), ratio, generator=torch.Generator().manual_seed(0))
-    assert neighbour_share(masking.mask.view(64, 8, 8)) > neighbour_share(random.mask.view(64, 8, 8)) + 0.15
+    assert neighbour_share(masking.mask.view(64, 8, 8)) > neighbour_share(random.mask.view(64, 8, 8)) + 0.1
 
 
 def test_block_masker_is_seeded_and_repeats_its_blocks_in_every_frame():
