@@ -9,6 +9,8 @@ from typing import Any
 import lightning
 import torch
 
+from maskdiff.methods.base import MaskDiffModule
+
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
@@ -22,8 +24,6 @@ def require_file(path: str | Path, what: str = "checkpoint") -> Path:
 
 def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the method (class, components and weights) saved in a maskdiff checkpoint."""
-    from maskdiff.methods.base import MaskDiffModule
-
     path = require_file(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
