@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -22,7 +22,12 @@ class Sampler:
     Args:
         steps: number of respaced steps (kept steps include 0 and T-1 for two or more; one step keeps only t = 0,
             so use :class:`maskdiff.samplers.FirstStepSampler` for a one-step x̂0 from pure noise).
+
+    Attributes:
+        name: the sampler's kind as the command line names it (``ddpm``, ``ddim``, ``first_step``).
     """
+
+    name: ClassVar[str] = "custom"
 
     def __init__(self, steps: int = 250) -> None:
         if steps < 1:

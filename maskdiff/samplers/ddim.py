@@ -17,6 +17,8 @@ class DDIMSampler(Sampler):
         eta: η.
     """
 
+    name = "ddim"
+
     def __init__(self, steps: int = 50, eta: float = 0.0) -> None:
         super().__init__(steps)
         if eta < 0:

@@ -19,6 +19,8 @@ class DDPMSampler(Sampler):
         fixed_variance: variance when the model does not learn it: ``large`` (β, ADM's default) or ``small`` (β̃).
     """
 
+    name = "ddpm"
+
     def __init__(self, steps: int = 250, fixed_variance: Literal["large", "small"] = "large") -> None:
         super().__init__(steps)
         if fixed_variance not in ("large", "small"):

@@ -19,6 +19,8 @@ class FirstStepSampler(Sampler):
     With ``known``/``mask`` the known tokens are returned as given.
     """
 
+    name = "first_step"
+
     def __init__(self) -> None:
         super().__init__(steps=1)
 
