@@ -31,7 +31,7 @@ from PIL import Image
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.data.digits import digits_pixels
 from maskdiff.evaluation.digits_judge import load_digits_split, score_digits
-from maskdiff.inpainting.cli import upscale
+from maskdiff.inpainting.panels import upscale
 from maskdiff.samplers.first_step import FirstStepSampler
 from maskdiff.inpainting.masks import fit_square, make_mask
 from maskdiff.inpainting.panels import save_panel

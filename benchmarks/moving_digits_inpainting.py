@@ -35,7 +35,7 @@ import torch
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.data.moving_digits import bounce, render_moving_digits
 from maskdiff.evaluation.digits_judge import score_digits
-from maskdiff.inpainting.cli import upscale
+from maskdiff.inpainting.panels import upscale
 from maskdiff.samplers.first_step import FirstStepSampler
 from maskdiff.corruption.pixel_masks import token_mask
 from maskdiff.inpainting.panels import save_panel
@@ -70,8 +70,8 @@ def complete(module, clips: torch.Tensor, masks: torch.Tensor, sampler, seed: in
     outputs = []
     for start in range(0, len(clips), batch):
         rows = slice(start, start + batch)
-        tokens = module.inpaint_tokens(module.to_tokens(clips[rows]), hidden[rows], sampler, generator,
-                                       use_ema=True)
+        tokens = module.inpaint_tokens(module.to_tokens(clips[rows]), hidden[rows], sampler=sampler,
+                                       generator=generator, use_ema=True)
         outputs.append(module.autoencoder.decode(patchifier.unpatchify(tokens)))
     return torch.where(masks.unsqueeze(1), torch.cat(outputs), clips)
 

@@ -51,7 +51,7 @@ def quickstart_checkpoint() -> tuple[Path, float | None]:
         return QUICKSTART_CKPT, None
     print(f"no {QUICKSTART_CKPT.relative_to(ROOT)}: training the quickstart first (about 4 minutes)", file=sys.stderr)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(QUICKSTART_CONFIG)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "maskdiff.tools.main", "fit", "--config", str(QUICKSTART_CONFIG)], cwd=ROOT, check=True)
     return QUICKSTART_CKPT, time.perf_counter() - started
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from maskdiff.callbacks import DigitsEvaluation
-from maskdiff.cli import MaskDiffCLI
+from maskdiff.tools.lightning_cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
 from maskdiff.samplers import DDIMSampler
 

@@ -29,7 +29,7 @@ import yaml
 
 from maskdiff.callbacks import DigitsEvaluation
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import MaskDiffCLI
+from maskdiff.tools.lightning_cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
 from maskdiff.backbones.features import FeatureSpec
 from maskdiff.evaluation.features import extract_dataset_features

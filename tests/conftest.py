@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def dit_ckpt(tmp_path_factory, digits_cache):
     """A 2-block DiT (8x8 digits) trained for 4 steps with configs/dit/dit_debug_cpu.yaml."""
-    from maskdiff.cli import main
+    from maskdiff.tools.main import main
     from tests.helpers import config_in
 
     path, ckpt_dir = config_in(tmp_path_factory.mktemp("dit_ckpt"))

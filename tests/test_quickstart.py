@@ -5,7 +5,7 @@ import csv
 import pytest
 from PIL import Image
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from tests.helpers import CONFIGS, FAST_GRID, config_in
 
 

@@ -1,16 +1,15 @@
 """Sharded FSDP checkpoint (a directory of ``torch.distributed.checkpoint`` files) -> one plain Lightning checkpoint.
 
 ``BackboneFSDPStrategy(state_dict_type="sharded")`` saves a directory that only FSDP can load. Consolidating it
-(Lightning's ``consolidate_checkpoint`` reader, on one process, no GPU) gives the file that ``maskdiff sample``,
-``evaluate``, ``probe`` and ``load_from_checkpoint`` read on one device, and that any strategy can resume from.
+(Lightning's ``consolidate_checkpoint`` reader, on one process, no GPU; ``maskdiff convert fsdp``) gives the file
+that ``maskdiff sample``, ``evaluate``, ``probe`` and ``load_from_checkpoint`` read on one device, and that any
+strategy can resume from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def consolidate_sharded_checkpoint(folder: str | Path, keep_optimizer_states: bool = False) -> dict[str, Any]:
@@ -33,22 +32,3 @@ def consolidate_sharded_checkpoint(folder: str | Path, keep_optimizer_states: bo
     if not keep_optimizer_states:
         checkpoint.pop("optimizer_states", None)
     return checkpoint
-
-
-def fsdp(src: str, out: str, keep_optimizer_states: bool = False) -> str:
-    """Consolidate a sharded FSDP checkpoint directory into one ``.ckpt`` file (runs on the CPU, one process).
-
-    Args:
-        src: the checkpoint directory (e.g. ``runs/dit_xl2/checkpoints/last.ckpt/``).
-        out: ``.ckpt`` file to write.
-        keep_optimizer_states: keep the optimizer states (to resume under DDP or one device); off: weights only,
-            enough to sample, evaluate, probe or fine-tune.
-    """
-    checkpoint = consolidate_sharded_checkpoint(src, keep_optimizer_states)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-    tensors = sum(1 for value in checkpoint["state_dict"].values() if isinstance(value, torch.Tensor))
-    optimizer = "with optimizer states" if "optimizer_states" in checkpoint else "weights only"
-    print(f"wrote {path}: {tensors} tensors from {src}, step {checkpoint.get('global_step', '?')} ({optimizer})")
-    return str(path)

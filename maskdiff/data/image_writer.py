@@ -1,4 +1,4 @@
-"""``maskdiff shards images SRC OUT``: an image folder (or a file list) as ImageNet-style WebDataset shards.
+"""An image folder (or a file list) as ImageNet-style WebDataset shards (``maskdiff shards images SRC OUT``).
 
 Each sample keeps the image file's original bytes (no re-encoding, so no new JPEG artefacts) under its
 normalised extension (``jpg``, ``png``, ``webp``), plus ``cls`` (integer label, when known) and ``json``
@@ -209,45 +209,3 @@ def _warn_about_stale_shards(out: Path, prefix: str, written: int) -> None:
     )
     if stale:
         log.warning("%s holds %d older shards beyond the %d written now (%s ...): delete them", out, len(stale), written, stale[0])
-
-
-def images_cli(
-    src: str,
-    out: str,
-    prefix: str = "images",
-    max_samples: int = 1000,
-    max_bytes: int | None = None,
-    shuffle_seed: int | None = None,
-    metadata: bool = True,
-    verify: Literal["header", "decode"] = "header",
-    workers: int = 8,
-) -> dict:
-    """Write image files (original bytes + ``cls`` + ``json`` with the source path) as WebDataset shards.
-
-    Args:
-        src: a folder with one subfolder of images per class (``SRC/<class>/*.jpg|png|webp``; sorted names
-            give labels 0, 1, ...), or a text file of ``path label`` lines (or ``path`` lines: unlabelled).
-        out: output folder; gets ``{prefix}-%06d.tar`` and ``manifest.json`` (other prefixes' entries are kept).
-        prefix: shard file name prefix, also the split's name in the manifest (e.g. ``imagenet-train``).
-        max_samples: most images per shard (ImageNet convention: 1000).
-        max_bytes: also start a new shard once a shard holds this many bytes.
-        shuffle_seed: write the images in a random order drawn with this seed (default: sorted order).
-        metadata: add a ``json`` member with the source path (and class folder name).
-        verify: check each file with PIL: ``header`` (fast) or ``decode`` (reads every pixel; also finds
-            truncated files).
-        workers: threads reading and checking files.
-    """
-    manifest = write_image_shards(
-        src, out, prefix=prefix, max_samples=max_samples, max_bytes=max_bytes, shuffle_seed=shuffle_seed,
-        metadata=metadata, verify=verify, workers=workers,
-    )
-    info = manifest["splits"][prefix]
-    print(
-        f"wrote {out}: {info['samples']} images in {len(info['shards'])} shards ({info['pattern']}), "
-        f"{len(info['skipped'])} skipped"
-    )
-    for bad in info["skipped"][:20]:
-        print(f"  skipped {bad['path']}: {bad['reason']}")
-    if len(info["skipped"]) > 20:
-        print(f"  ... all {len(info['skipped'])} are listed in {Path(out) / MANIFEST_NAME}")
-    return manifest

@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from maskdiff.autoencoders.vae import StableDiffusionVAE
+
 from .base import ShardsDataModule
 from .images import ImageShardsDataModule
 from .shards import (
@@ -143,8 +145,6 @@ def encode_latent_shards(
         of ``out`` must share -- and ``splits[split] = {"pattern", "samples", "shards", "skipped", "source",
         "flip_copies"}``.
     """
-    from maskdiff.autoencoders import StableDiffusionVAE
-
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"dtype must be one of {LATENT_DTYPES}, got {dtype!r}")
     if not isinstance(image_size, int) or image_size < 1:
@@ -364,52 +364,3 @@ class LatentShardsDataModule(ShardsDataModule):
 
     def make_decoder(self, train: bool) -> LatentDecoder:
         return LatentDecoder(self.channels, self.image_size, self.num_classes, flip=self.flip and train)
-
-
-def latents_cli(
-    src: str,
-    out: str,
-    vae: str | None = None,
-    scale_factor: float = 0.18215,
-    image_size: int = 256,
-    flip_copies: bool = False,
-    split: str = "train",
-    batch_size: int = 32,
-    device: str | None = None,
-    samples_per_shard: int = 1000,
-    prefix: str = "latents",
-    dtype: Literal["float16", "float32"] = "float16",
-    sample: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-) -> dict:
-    """Encode an image shard set once with a frozen SD VAE into latent shards (``latent.npy`` + ``cls``).
-
-    Args:
-        src: brace pattern of the image shards, e.g. ``/data/in1k/imagenet-train-{000000..001281}.tar``.
-        out: output folder; gets ``{prefix}-{split}-%06d.tar`` and ``manifest.json`` (other splits are kept).
-        vae: local directory of a diffusers AutoencoderKL (e.g. a copy of stabilityai/sd-vae-ft-ema); required.
-        scale_factor: latent scale (0.18215 for the SD VAE).
-        image_size: side of the centre-cropped images fed to the VAE.
-        flip_copies: also store the latents of the horizontally flipped images (``latent_flip.npy``).
-        split: split name in the manifest.
-        batch_size: images per VAE call.
-        device: where the VAE runs (default: cuda when available).
-        samples_per_shard: most samples per output shard.
-        prefix: shard file name prefix.
-        dtype: storage dtype of the latents.
-        sample: store a posterior sample instead of the posterior mean.
-        seed: seed of the posterior samples.
-        num_workers: DataLoader workers reading the source images.
-    """
-    if not vae:
-        raise ValueError("--vae is required: the local directory of the AutoencoderKL to encode with")
-    manifest = encode_latent_shards(
-        src, out, vae, scale_factor=scale_factor, image_size=image_size, flip_copies=flip_copies,
-        batch_size=batch_size, device=device, samples_per_shard=samples_per_shard, prefix=prefix, split=split,
-        dtype=dtype, sample=sample, seed=seed, num_workers=num_workers,
-    )
-    info = manifest["splits"][split]
-    print(f"wrote {out}: {split} {info['samples']} latents {manifest['latent_channels']}x{manifest['latent_size']}"
-          f"x{manifest['latent_size']} ({info['pattern']}), {info['skipped']} skipped")
-    return manifest

@@ -1,4 +1,4 @@
-"""``maskdiff shards videos SRC OUT``: a folder of video files (or a file list) as Kinetics-style WebDataset shards.
+"""A folder of video files (or a file list) as Kinetics-style WebDataset shards (``maskdiff shards videos SRC OUT``).
 
 Each sample keeps the video file's original bytes (no re-encoding) under its extension (``mp4``, ``webm``,
 ``avi``, ``mkv``, ``mov``), plus ``cls`` (integer label, when known) and ``json`` (``fps``, ``frames``,
@@ -142,27 +142,3 @@ def write_video_shards(
         return add_split_to_manifest(out, split, entry, {"name": "videos"})
     classes = sorted(labels_seen | set(earlier))
     return add_split_to_manifest(out, split, entry, {"name": "videos"}, updates={"classes": classes})
-
-
-def videos_cli(
-    src: str,
-    out: str,
-    split: str = "train",
-    samples_per_shard: int = 100,
-    prefix: str = "videos",
-) -> dict:
-    """Write video files (original bytes + ``cls`` + ``json`` with fps/frames/duration) as WebDataset shards.
-
-    Args:
-        src: a folder with one subfolder of videos per class, or a text file of ``path label`` lines.
-        out: output folder; gets ``{prefix}-{split}-%06d.tar`` and ``manifest.json`` (other splits are kept).
-        split: split name in the manifest (``train``, ``val``, ...).
-        samples_per_shard: most videos per shard (Kinetics clips are ~1-2 MB each).
-        prefix: shard file name prefix.
-    """
-    manifest = write_video_shards(src, out, split=split, samples_per_shard=samples_per_shard, prefix=prefix)
-    info = manifest["splits"][split]
-    print(f"wrote {out}: {split} {info['samples']} videos ({info['pattern']}), {len(info['skipped'])} skipped")
-    for bad in info["skipped"]:
-        print(f"  skipped {bad['path']}: {bad['reason']}")
-    return manifest

@@ -1,9 +1,10 @@
 """Evaluation: Fréchet distances, the digits judge, and representation probes."""
 
 from maskdiff.evaluation.digits_judge import DigitsScore, load_digits_judge, score_digits
-from maskdiff.evaluation.evaluate import balanced_labels, evaluate, generate_samples
+from maskdiff.evaluation.evaluate import balanced_labels, generate_samples
 from maskdiff.evaluation.scoring import score_samples
-from maskdiff.evaluation.features import FeatureSpec, extract_dataset_features, extract_features
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.evaluation.features import extract_dataset_features, extract_features
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
 from maskdiff.evaluation.inception import (
     DigitsJudgeFeatures,
@@ -12,9 +13,9 @@ from maskdiff.evaluation.inception import (
     resolve_inception_weights,
 )
 from maskdiff.evaluation.lars import LARS
-from maskdiff.evaluation.linear_probe import probe, run_linear_probe
+from maskdiff.evaluation.linear_probe import run_linear_probe
 
 __all__ = ["LARS", "DigitsJudgeFeatures", "DigitsScore", "FeatureSpec", "balanced_labels", "build_fid",
-           "build_inception_score", "evaluate", "extract_dataset_features", "extract_features", "feature_statistics",
-           "frechet_distance", "generate_samples", "load_digits_judge", "probe", "resolve_inception_weights",
+           "build_inception_score", "extract_dataset_features", "extract_features", "feature_statistics",
+           "frechet_distance", "generate_samples", "load_digits_judge", "resolve_inception_weights",
            "run_linear_probe", "score_digits", "score_samples"]

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from maskdiff.evaluation.digits_judge import load_digits_judge
+
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
 INCEPTION_WEIGHTS_ENV = "MASKDIFF_INCEPTION_WEIGHTS"
@@ -132,8 +134,6 @@ class DigitsJudgeFeatures(nn.Module):
 
     def __init__(self, logits: bool = False, cache_dir: str | None = None) -> None:
         super().__init__()
-        from maskdiff.evaluation.digits_judge import load_digits_judge
-
         self.judge, _ = load_digits_judge(cache_dir)
         self.judge.requires_grad_(False).eval()
         self.logits = logits

@@ -4,14 +4,9 @@
 with LARS (momentum 0.9, trust 0.001) or SGD, lr = ``base_lr × batch / 256``, per-iteration linear warmup then
 half-cycle cosine to 0, and reports top-1 / top-5 on the held-out features.
 
-:func:`probe` is ``maskdiff probe``: it extracts features of a checkpoint once for the training split (every
-training sample once, without augmentation) and the held-out split, caches them, trains the head and writes JSON::
-
-    maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml \\
-        --batch_size 256 --optimizer sgd --out probe.json
-    maskdiff probe --ckpt mae.ckpt --data.class_path maskdiff.data.ImageShardsDataModule \\
-        --data.init_args.train_shards '/data/in1k-train-{000000..000639}.tar' --data.init_args.val_shards ... \\
-        --pooling cls --device cuda
+``maskdiff probe`` (:mod:`maskdiff.tools.probe`) extracts features of a checkpoint once for the training split
+(every training sample once, without augmentation, :func:`train_split_batches`) and the held-out split, caches them
+(:func:`feature_cache_path`), trains the head and writes JSON.
 
 Differences from MAE's probe: features are computed once from un-augmented images (MAE recomputes them each epoch
 under RandomResizedCrop + flip), so the head sees each training image in one view only.
@@ -30,7 +25,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -39,16 +33,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
+from jsonargparse import ArgumentParser
 from torch import nn
 
-from maskdiff.evaluation.features import (
-    FeatureSpec,
-    default_pooling,
-    extract_dataset_features,
-    resolve_backbone,
-    resolve_spec,
-)
+from maskdiff.backbones.features import FeatureSpec
+from maskdiff.data import ShardsDataModule, default_cache_dir
 from maskdiff.evaluation.lars import LARS
+from maskdiff.methods.checkpoints import require_file
 
 log = logging.getLogger("maskdiff.evaluation")
 
@@ -253,10 +244,6 @@ def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
     file when it is itself ``class_path`` + ``init_args``."""
     if isinstance(data, L.LightningDataModule):
         return data
-    from jsonargparse import ArgumentParser
-
-    from maskdiff.methods.checkpoints import require_file
-
     path = require_file(data, "data config")
     config = yaml.safe_load(path.read_text()) or {}
     section = config.get("data", config) if isinstance(config, dict) else None
@@ -275,8 +262,6 @@ def train_split_batches(datamodule: L.LightningDataModule) -> Iterable[Any]:
     ``train_samples_per_epoch`` when the shards have no manifest). Any other data module gives one epoch of its
     ``train_dataloader()`` (exactly once if its loader is a plain map-style loader without ``drop_last``).
     """
-    from maskdiff.data import ShardsDataModule
-
     if not isinstance(datamodule, ShardsDataModule):
         loader = datamodule.train_dataloader()
         log.warning("%s: features of one epoch of train_dataloader() (%s batches); exact-once only if that loader is",
@@ -299,8 +284,6 @@ def data_identity(datamodule: L.LightningDataModule) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- cache
 def default_feature_cache() -> Path:
-    from maskdiff.data import default_cache_dir
-
     return default_cache_dir() / "features"
 
 
@@ -326,108 +309,3 @@ def save_features(path: Path, key: dict[str, Any], splits: dict[str, tuple[torch
 def load_features(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     stored = torch.load(path, map_location="cpu", weights_only=True)
     return {split: (stored[f"{split}_features"], stored[f"{split}_labels"]) for split in ("train", "val")}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def format_table(result: dict[str, Any]) -> str:
-    keys = ["mode", "ckpt", "weights", "pooling", "depth", "timestep", "feature_dim", "num_train", "num_val",
-            "num_classes", "epochs", "warmup_epochs", "batch", "base_lr", "lr", "optimizer", "weight_decay", "top1", "top5"]
-    width = max(map(len, keys))
-    lines = ["maskdiff probe: offline linear probe (frozen features, BN + linear head)"]
-    for key in keys:
-        value = result.get(key)
-        shown = f"{value:.4f}" if key in ("top1", "top5") else ("null" if value is None else value)
-        lines.append(f"  {key:<{width}}  {shown}")
-    return "\n".join(lines)
-
-
-def probe(
-    ckpt: str,
-    data: L.LightningDataModule | str,
-    pooling: Literal["cls", "mean", "prefix_mean"] | None = None,
-    depth: int | None = None,
-    timestep: int | None = None,
-    weights: Literal["ema", "raw"] = "ema",
-    epochs: int = 90,
-    warmup_epochs: int = 10,
-    batch_size: int = 16384,
-    base_lr: float = 0.1,
-    optimizer: Literal["lars", "sgd"] = "lars",
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    out: str = "probe.json",
-    cache_dir: str | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Offline linear probe of a checkpoint's frozen features (MAE's protocol); writes a JSON and prints a table.
-
-    Args:
-        ckpt: maskdiff checkpoint (from ``fit`` or ``convert``).
-        data: the labelled data: a config YAML whose ``data:`` section is used (e.g. ``configs/quickstart.yaml``), or
-            ``--data.class_path ... --data.init_args.NAME VALUE``. The training split is read once, un-augmented;
-            the held-out split is ``val_dataloader()``.
-        pooling: ``cls`` (first prefix token; MAE's default), ``mean`` (patch tokens) or ``prefix_mean`` (UMD's
-            registers); default: the backbone's ``default_pooling``, else ``cls`` with a cls token, else ``mean``.
-        depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
-        timestep: timestep of a time-conditioned backbone (DiT, MDT); default 0; must be unset for MAE.
-        weights: ``ema`` or ``raw`` backbone weights (``ema`` falls back to raw when the method keeps no EMA).
-        epochs: head training epochs (MAE: 90).
-        warmup_epochs: linear warmup epochs (MAE: 10).
-        batch_size: head batch size, capped at the training-set size (MAE: 16384).
-        base_lr: lr = base_lr × batch / 256 (MAE: 0.1).
-        optimizer: ``lars`` (MAE) or ``sgd`` (momentum 0.9; better on small data sets, see the module notes).
-        weight_decay: head weight decay (MAE: 0).
-        seed: seeds the head init and batch order.
-        out: JSON file to write.
-        cache_dir: feature cache folder (default ``$MASKDIFF_CACHE/features`` or ``~/.cache/maskdiff/features``).
-        device: torch device for feature extraction and head training.
-    """
-    from maskdiff.methods.checkpoints import load_method, require_file
-
-    require_file(ckpt)
-    module = load_method(ckpt, map_location=device).to(device).eval()
-    use_ema = weights == "ema" and module.ema_backbone is not None
-    if weights == "ema" and not use_ema:
-        print(f"note: {ckpt} has no EMA weights; probing the raw weights", file=sys.stderr)
-    backbone = resolve_backbone(module, use_ema)
-    if pooling is None:
-        pooling = default_pooling(backbone)
-    spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=depth, timestep=timestep, use_ema=use_ema))
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"warmup_epochs {warmup_epochs} must lie in 0..epochs ({epochs})")
-
-    datamodule = load_datamodule(data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module.check_data(datamodule)
-    module.inputs_pre_encoded = bool(getattr(datamodule, "pre_encoded", False))
-    cache_path, key = feature_cache_path(cache_dir or default_feature_cache(), ckpt, spec, data_identity(datamodule))
-    if cache_path.is_file():
-        splits = load_features(cache_path)
-        print(f"features: reusing {cache_path}", file=sys.stderr)
-    else:
-        val_loader = datamodule.val_dataloader()
-        if isinstance(val_loader, (list, tuple)) and not val_loader:
-            raise ValueError(f"{type(datamodule).__name__} has no held-out split (val_dataloader() is empty); the probe needs one")
-        splits = {}
-        for split, batches in (("train", train_split_batches(datamodule)), ("val", val_loader)):
-            features, labels = extract_dataset_features(module, batches, spec)
-            splits[split] = (features, check_labels(labels, split, type(datamodule).__name__))
-        save_features(cache_path, key, splits)
-        print(f"features: cached in {cache_path}", file=sys.stderr)
-    for split, (_, labels) in splits.items():
-        check_labels(labels, split, type(datamodule).__name__)
-
-    result = run_linear_probe(
-        *splits["train"], *splits["val"], epochs=epochs, batch_size=batch_size, base_lr=base_lr, optimizer=optimizer,
-        warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
-        num_classes=getattr(datamodule, "num_classes", None), device=device,
-    )
-    result = {"mode": "offline", "ckpt": str(ckpt), "data": data_identity(datamodule)["class"], **spec.as_dict(),
-              **result, "feature_cache": str(cache_path)}
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"wrote {out_path}")
-    return result

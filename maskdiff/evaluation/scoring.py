@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from maskdiff.data.digits import default_cache_dir
+from maskdiff.data.images import ImageShardsDataModule
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
 from maskdiff.evaluation.inception import (
     INCEPTION_EXTRACTOR,
@@ -129,9 +131,6 @@ def shard_reference_statistics(
     """
     from torch_fidelity.utils import create_feature_extractor
 
-    from maskdiff.data import ImageShardsDataModule
-    from maskdiff.data.digits import default_cache_dir
-
     key = json.dumps({"pattern": pattern, "size": image_size, "weights_sha256": file_sha256(weights_path),
                       "fid_layer": fid_layer, "prc_reference": prc_reference, "version": 1}, sort_keys=True)
     path = Path(cache_dir or default_cache_dir()) / "fid_reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
@@ -218,8 +217,6 @@ def score_samples(
     from torch_fidelity import calculate_metrics
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
-
-    from maskdiff.data.digits import default_cache_dir
 
     if (fid or prc) and reference is None:
         raise ValueError("FID and precision/recall need a reference (--reference), or pass --fid false --prc false")

@@ -1,4 +1,4 @@
-"""Inpainting masks: load one from a PNG or make one (random patches, box, half, outpaint border).
+"""Inpainting masks: load one from a PNG or make one (random patches, box, half, outpaint border, a masker's tokens).
 
 Convention: a pixel mask is bool, **True = generate** (the same sense as the sampler's token ``mask``).
 A token is generated when any of its pixels is (:func:`maskdiff.corruption.pixel_masks.token_mask`).
@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from maskdiff.corruption.maskers import Masker
 
 MASK_KINDS = ("random", "box", "half", "outpaint")
 SIDES = ("left", "right", "top", "bottom")
@@ -122,3 +124,17 @@ def make_mask(
                "top": (slice(0, half), slice(None)), "bottom": (slice(size - half, size), slice(None))}
     mask[regions[side]] = True
     return mask
+
+
+def masker_mask(masker: Masker, grid: tuple[int, ...], ratio: float, token_pixels: int, tubelet: int = 1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The pixels of the tokens ``masker`` hides on a token ``grid``, bool, True = generate: ``(h·p, w·p)`` for an
+    image grid ``(h, w)``, ``(t·tubelet, h·p, w·p)`` for a clip grid ``(t, h, w)``, with ``p = token_pixels``.
+
+    The masker hides ``N - int(N (1 - ratio))`` of the N tokens (training's count), drawn with ``generator``.
+    """
+    check_ratio(ratio)
+    hidden = masker.mask(1, tuple(grid), ratio, generator=generator).mask[0].cpu().view(*grid)
+    if len(grid) == 3:
+        hidden = hidden.repeat_interleave(tubelet, 0)
+    return hidden.repeat_interleave(token_pixels, -2).repeat_interleave(token_pixels, -1)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 LABEL_GAP = 4
 TITLE_HEIGHT = 14
+PANEL_MIN_SIDE = 64
+
+
+def upscale(images: torch.Tensor, min_side: int = PANEL_MIN_SIDE) -> torch.Tensor:
+    """``(B, C, S, S)`` -> nearest-upscaled by the smallest integer factor giving a side of at least ``min_side``."""
+    factor = max(1, math.ceil(min_side / images.shape[-1]))
+    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
 def grid_pixels(rows: list[torch.Tensor], per_row: int) -> np.ndarray:

@@ -16,7 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from maskdiff.corruption.pixel_masks import token_mask
+from maskdiff.data.moving_digits import mp4_codec, render_moving_digits
 from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask
+from maskdiff.methods.base import MaskDiffModule
+from maskdiff.samplers.base import Sampler
 
 MOVING_DIGITS_PREFIX = "moving_digits:"
 MOVING_DIGITS_VAL_CLIPS = 200
@@ -30,8 +33,6 @@ def load_moving_digits_clip(spec: str, num_frames: int) -> tuple[np.ndarray, int
     """``moving_digits:IDX`` -> the first ``num_frames`` frames ``(T, 32, 32)`` uint8 of validation video IDX of
     :class:`~maskdiff.data.MovingDigitsDataModule`'s defaults (one 16-px digit on a 32-px canvas, data seed 0),
     and its label."""
-    from maskdiff.data.moving_digits import render_moving_digits
-
     index = spec[len(MOVING_DIGITS_PREFIX):]
     if not index.isdigit() or int(index) >= MOVING_DIGITS_VAL_CLIPS:
         raise ValueError(
@@ -148,10 +149,12 @@ def make_video_mask(
 
 # ---------------------------------------------------------------------------------------------- completing
 @torch.no_grad()
-def inpaint_clip(module, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: int = 1, sampler=None,
-                 generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
-    """Complete ``clip (C, F, S, S)`` in [-1, 1] where ``pixel_mask (F, S, S)`` is True with a video model's
-    ``inpaint_tokens`` (DiffMAE: encoder once on the known tubelets, reverse chain on the hidden ones).
+def inpaint_clip(module: MaskDiffModule, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: int = 1,
+                 sampler: Sampler | None = None, generator: torch.Generator | None = None,
+                 use_ema: bool = True) -> torch.Tensor:
+    """Complete ``clip (C, F, S, S)`` in [-1, 1] where ``pixel_mask (F, S, S)`` is True with the video model's
+    ``inpaint_tokens`` (DiffMAE: encoder once on the known tubelets, reverse chain on the hidden ones), ``sampler``
+    defaulting to the method's own.
 
     Returns ``(samples, C, F, S, S)``; known pixels are exactly ``clip``'s.
     """
@@ -159,9 +162,6 @@ def inpaint_clip(module, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: 
     if patchifier.frames is None:
         raise ValueError(f"{type(module).__name__} with input {tuple(patchifier.sample_shape)} is an image model; "
                          "video inpainting needs a model whose patchifier has frames (e.g. configs/diffmae/diffmae_moving_digits.yaml)")
-    if not callable(getattr(module, "inpaint_tokens", None)):
-        raise TypeError(f"{type(module).__name__} has no token-level inpainting (inpaint_tokens) for video clips; "
-                         "use a DiffMAE video checkpoint")
     if tuple(clip.shape) != tuple(patchifier.sample_shape):
         raise ValueError(f"clip of shape {tuple(clip.shape)} does not fit the model's input {tuple(patchifier.sample_shape)}")
     if tuple(pixel_mask.shape) != tuple(clip.shape[1:]):
@@ -169,7 +169,8 @@ def inpaint_clip(module, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: 
     token_pixels = module.autoencoder.downsample * patchifier.patch_size
     hidden = token_mask(pixel_mask, token_pixels, patchifier.tubelet).expand(samples, -1)
     clips = clip.unsqueeze(0).expand(samples, -1, -1, -1, -1).to(module.device)
-    tokens = module.inpaint_tokens(module.to_tokens(clips), hidden, sampler, generator, use_ema)
+    tokens = module.inpaint_tokens(module.to_tokens(clips), hidden, sampler=sampler, generator=generator,
+                                   use_ema=use_ema)
     generated = module.autoencoder.decode(patchifier.unpatchify(tokens)).to(clip.dtype).cpu()
     return torch.where(pixel_mask, generated, clip.unsqueeze(0))
 
@@ -198,8 +199,6 @@ def write_animation(frames: np.ndarray, path: str | Path, fps: int = 4) -> Path:
         images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
                        optimize=False)
         return path
-    from maskdiff.data.moving_digits import mp4_codec
-
     height, width = frames.shape[1:3]
     padded = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), constant_values=255)
     with av.open(str(path), mode="w") as container:

@@ -173,7 +173,7 @@ def test_two_process_ddp_gives_the_single_process_values(tmp_path, digits_cache)
 
 
 def test_the_example_config_builds_the_callback_without_the_weights_file(tmp_path, monkeypatch):
-    from maskdiff.cli import MaskDiffCLI
+    from maskdiff.tools.lightning_cli import MaskDiffCLI
     from tests.helpers import CONFIGS, DEBUG_CONFIG
 
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)

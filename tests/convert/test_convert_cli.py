@@ -3,7 +3,7 @@
 import torch
 
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.methods import MDT, DiT
 from tests.convert.test_dit_convert import NANO, assert_matches_official, random_official_state_dict
 from tests.convert.test_mdt_convert import official_state_dict, ours, ref_forward

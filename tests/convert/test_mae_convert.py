@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.convert.mae import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.data import (
     ImageShardsDataModule,
     expand_urls,

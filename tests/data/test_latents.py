@@ -12,7 +12,7 @@ from PIL import Image
 
 from maskdiff.autoencoders import StableDiffusionVAE
 from maskdiff.backbones import DiT as DiTBackbone
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.data import (
     ImageShardsDataModule,
     LatentDecoder,

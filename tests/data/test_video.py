@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.data import (
     MovingDigitsDataModule,
     VideoDecoder,

@@ -17,22 +17,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
-from maskdiff.evaluation.evaluate import (
-    balanced_labels,
-    batch_ranges,
-    evaluate,
-    generate_samples,
-    load_samples_npz,
-    write_samples_npz,
-)
+from maskdiff.tools.main import main
+from maskdiff.evaluation.evaluate import balanced_labels, batch_ranges, generate_samples
 from maskdiff.evaluation.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_NAME,
     INCEPTION_WEIGHTS_URL,
     to_inception_uint8,
 )
+from maskdiff.evaluation.scoring import load_samples_npz, write_samples_npz
 from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
+from maskdiff.tools.evaluate import evaluate
 from tests.evaluation.test_inception import write_small_inception_weights
 from tests.helpers import ROOT
 
@@ -212,9 +207,9 @@ def test_torchrun_on_two_processes_writes_the_single_process_npz(dit_ckpt, tmp_p
     common = ["evaluate", "--ckpt", str(dit_ckpt), "--num_samples", "6", "--sampler", "ddpm", "--steps", "3",
               "--batch_size", "2", "--fid", "false", "--isc", "false", "--prc", "false", "--device", "cpu"]
     runs = {
-        "single": [sys.executable, "-m", "maskdiff.cli", *common, "--out", str(tmp_path / "single")],
+        "single": [sys.executable, "-m", "maskdiff.tools.main", *common, "--out", str(tmp_path / "single")],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                     "-m", "maskdiff.cli", *common, "--out", str(tmp_path / "torchrun")],
+                     "-m", "maskdiff.tools.main", *common, "--out", str(tmp_path / "torchrun")],
     }
     for command in runs.values():
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,

@@ -6,12 +6,13 @@ import torch
 
 from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.backbones import create_backbone
-from maskdiff.cli import main
-from maskdiff.evaluation import linear_probe
+from maskdiff.tools.main import main
 from maskdiff.backbones.features import FeatureSpec
 from maskdiff.evaluation.features import extract_features
 from maskdiff.evaluation.lars import LARS
-from maskdiff.evaluation.linear_probe import probe, run_linear_probe
+from maskdiff.evaluation.linear_probe import run_linear_probe
+from maskdiff.tools import probe as probe_tool
+from maskdiff.tools.probe import probe
 from tests.helpers import DEBUG_CONFIG
 
 PROTOCOL_FIELDS = {"mode", "ckpt", "weights", "pooling", "depth", "timestep", "epochs", "warmup_epochs", "batch",
@@ -114,7 +115,7 @@ def test_probe_cli_end_to_end_and_feature_cache(dit_ckpt, tmp_path, monkeypatch,
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
 
-    monkeypatch.setattr(linear_probe, "extract_dataset_features", no_extraction)
+    monkeypatch.setattr(probe_tool, "extract_dataset_features", no_extraction)
     main(["probe", "--ckpt", str(dit_ckpt), "--data.class_path", "maskdiff.data.DigitsDataModule",
           "--data.init_args.image_size", "8", "--out", str(out), "--cache_dir", str(cache), *QUICK])
     assert "reusing" in capsys.readouterr().err

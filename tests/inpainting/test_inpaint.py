@@ -7,7 +7,7 @@ from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
 from maskdiff.methods.checkpoints import write_method_checkpoint
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.corruption.masking import masking_from_noise
 from maskdiff.inpainting import as_pixel_mask, load_mask, make_mask, token_mask
 from maskdiff.methods import MAE, DiT

@@ -9,7 +9,7 @@ from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
 from maskdiff.methods.checkpoints import write_method_checkpoint
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.corruption import MaskedPatchNoise
 from maskdiff.diffusion.schedules import NoiseSchedule
 from maskdiff.inpainting import token_mask

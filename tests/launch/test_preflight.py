@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.data.shards import write_manifest
 from maskdiff.launch.preflight import (
     LaunchConfig,

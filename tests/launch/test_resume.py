@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.launch.resume import newest_resume_checkpoint
 from tests.helpers import config_in
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from tests.helpers import ROOT
 
 SCRIPTS = sorted((ROOT / "examples" / "slurm").glob("*.sbatch"))

@@ -18,7 +18,7 @@ SRUN_TASK_3 = {
 
 SCRIPT = r"""
 import json, os, sys
-from maskdiff.cli import MaskDiffCLI
+from maskdiff.tools.lightning_cli import MaskDiffCLI
 
 results = {}
 for name, case in json.loads(sys.argv[1]).items():

@@ -14,7 +14,7 @@ from tests.helpers import ROOT, config_in
 def test_two_process_ddp_trains(tmp_path, digits_cache):
     config, ckpt_dir = config_in(tmp_path)
     command = [
-        sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(config),
+        sys.executable, "-m", "maskdiff.tools.main", "fit", "--config", str(config),
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "6",
         "--trainer.limit_val_batches", "2",
     ]

@@ -7,7 +7,7 @@ import torch
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.diffmae import EncoderContext
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.corruption import MaskedPatchNoise
 from maskdiff.methods import DiffMAE
 from maskdiff.samplers import DDPMSampler

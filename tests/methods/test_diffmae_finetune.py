@@ -8,7 +8,8 @@ from timm.layers import DropPath
 
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.methods.checkpoints import write_method_checkpoint
-from maskdiff.cli import MaskDiffCLI, main
+from maskdiff.tools.lightning_cli import MaskDiffCLI
+from maskdiff.tools.main import main
 from maskdiff.methods import DiffMAE
 from maskdiff.methods.finetune import FineTune
 from tests.helpers import CONFIGS, config_in

@@ -5,7 +5,8 @@ from timm.layers import DropPath
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.mae import MAE_SIZES
 from maskdiff.methods.checkpoints import write_method_checkpoint
-from maskdiff.cli import MaskDiffCLI, main
+from maskdiff.tools.lightning_cli import MaskDiffCLI
+from maskdiff.tools.main import main
 from maskdiff.methods import MAE
 from maskdiff.methods.finetune import FineTune
 from tests.helpers import CONFIGS, config_in

@@ -5,7 +5,7 @@ import torch
 
 from maskdiff.backbones import create_backbone
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.corruption import TokenMasking
 from maskdiff.methods import MAE
 from maskdiff.objectives import MaskedReconstruction
@@ -119,7 +119,7 @@ def test_mae_digits_two_process_ddp_with_online_probe(tmp_path, digits_cache):
     from tests.helpers import CONFIGS, ROOT, config_in
 
     config, ckpt_dir = config_in(tmp_path, CONFIGS / "mae" / "mae_digits.yaml")
-    command = [sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(config), "--trainer.devices", "2",
+    command = [sys.executable, "-m", "maskdiff.tools.main", "fit", "--config", str(config), "--trainer.devices", "2",
                "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "2",
                "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,7 @@ import torch
 
 from maskdiff.backbones import MDTv2 as MDTv2Backbone
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.corruption import MaskedNoise
 from maskdiff.methods import MDT
 from maskdiff.objectives import DiffusionLoss
@@ -69,7 +69,7 @@ def test_mdt_digits_fit_load_and_sample(tmp_path, digits_cache, capsys):
 def test_two_process_ddp_without_unused_parameter_search(tmp_path, digits_cache):
     """Both passes run in one step, so the side-interpolater always gets gradients: plain DDP works."""
     config, ckpt_dir = config_in(tmp_path, MDT_DIGITS, grid=FAST_GRID)
-    command = [sys.executable, "-m", "maskdiff.cli", "fit", "--config", str(config), "--trainer.devices", "2",
+    command = [sys.executable, "-m", "maskdiff.tools.main", "fit", "--config", str(config), "--trainer.devices", "2",
                "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

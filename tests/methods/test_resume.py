@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from tests.helpers import CONFIGS, DEBUG_CONFIG, config_in
 
 EPOCH_SAMPLES = 5 * 16  # 5 batches of 16 per epoch: checkpoints fall mid-epoch

@@ -224,7 +224,7 @@ def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path
     import csv
 
     from maskdiff.methods.checkpoints import load_method
-    from maskdiff.cli import main
+    from maskdiff.tools.main import main
     from tests.helpers import CONFIGS, FAST_GRID, config_in, single_thread
 
     pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"

@@ -6,7 +6,7 @@ import torch
 
 from maskdiff.backbones import DiffMAE as DiffMAEBackbone
 from maskdiff.methods.checkpoints import write_method_checkpoint
-from maskdiff.cli import MaskDiffCLI
+from maskdiff.tools.lightning_cli import MaskDiffCLI
 from maskdiff.data.moving_digits import render_moving_digits
 from maskdiff.backbones.features import FeatureSpec
 from maskdiff.evaluation.features import extract_features

@@ -24,7 +24,7 @@ from maskdiff.backbones.dit import DiTBlock
 from maskdiff.backbones.mdt import MDTBlock
 from maskdiff.backbones.umd import InContextBlock
 from maskdiff.methods.checkpoints import load_method
-from maskdiff.cli import main
+from maskdiff.tools.main import main
 from maskdiff.convert.fsdp import consolidate_sharded_checkpoint
 from maskdiff.methods import MAE, MDT, UMD, DiffMAE, DiT
 from maskdiff.scale import BackboneFSDPStrategy, ShardedNormClipping, block_classes, wrap_classes

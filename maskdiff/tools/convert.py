@@ -1,13 +1,25 @@
 """``maskdiff convert <family> SRC OUT``: official weights (or a sharded FSDP checkpoint) -> a maskdiff checkpoint that
-``sample`` can use."""
+``sample`` can use.
+
+    maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt --vae /models/sd-vae-ft-ema
+    maskdiff convert mdt mdt_xl2_v2_ckpt.pt mdt_xl2.ckpt
+    maskdiff convert mae mae_pretrain_vit_base.pth mae_base.ckpt
+    maskdiff convert fsdp runs/dit_xl2/checkpoints/last.ckpt/ dit_xl2_last.ckpt
+
+The state-dict converters live in :mod:`maskdiff.convert`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from maskdiff.convert.dit import _allow_train_args, convert_dit_state_dict
+from maskdiff.convert.fsdp import consolidate_sharded_checkpoint
+from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
+from maskdiff.convert.mdt import convert_mdt_state_dict
 from maskdiff.methods.checkpoints import require_file, write_method_checkpoint
-from maskdiff.convert.dit import convert_dit_state_dict
-from maskdiff.convert.fsdp import fsdp
 
 
 def generative_init_args(backbone_class: str, backbone_config: dict, guidance: dict, vae: str | None, vae_scale_factor: float) -> dict:
@@ -36,6 +48,8 @@ def dit(
     cfg_channels: int | None = 3,
 ) -> str:
     """Import a facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt) as a maskdiff DiT checkpoint.
+
+        maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt --vae /models/sd-vae-ft-ema
 
     The imported weights become the backbone (no separate EMA: the released files are the EMA weights).
 
@@ -70,6 +84,8 @@ def mdt(
 ) -> str:
     """Import a sail-sg/MDT checkpoint (MDTv1 or MDTv2, detected from its keys) as a maskdiff MDT checkpoint.
 
+        maskdiff convert mdt mdt_xl2_v2_ckpt.pt mdt_xl2.ckpt --vae /models/sd-vae-ft-ema
+
     Args:
         src: official ``.pt``/``.pth`` state dict (or a training checkpoint: its ``ema`` weights are used).
         out: maskdiff ``.ckpt`` to write.
@@ -80,8 +96,6 @@ def mdt(
         cfg_power: power of the power-cosine guidance schedule (MDT's: 4).
         cfg_channels: channels guided by default (the official code guides 3 of 4; null for all).
     """
-    from maskdiff.convert.mdt import convert_mdt_state_dict
-
     official = torch.load(require_file(src, "MDT checkpoint"), map_location="cpu", weights_only=True)
     state_dict, cls, backbone_config = convert_mdt_state_dict(official, decode_layer)
     guidance = {"scale": cfg_scale, "channels": cfg_channels, "schedule": "power_cosine", "power": cfg_power}
@@ -103,6 +117,8 @@ def mae(
 ) -> str:
     """Import a facebookresearch/mae checkpoint (mae_pretrain_vit_*.pth or mae_visualize_vit_*.pth) as a maskdiff MAE.
 
+        maskdiff convert mae mae_pretrain_vit_base.pth mae_base.ckpt
+
     The released mae_pretrain_vit_*.pth files hold the encoder only: the decoder of the written checkpoint is then
     freshly initialised (fine for features, probes and fine-tuning; reconstructions need a full checkpoint).
 
@@ -118,9 +134,6 @@ def mae(
             reads and predicts maskdiff's [-1, 1] pixels instead of ImageNet-normalised ones; false keeps the official
             function exactly.
     """
-    from maskdiff.convert.dit import _allow_train_args
-    from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
-
     with _allow_train_args():
         official = torch.load(require_file(src, "MAE checkpoint"), map_location="cpu", weights_only=True)
     model, backbone_config, decoder_loaded = mae_from_official(official, num_heads, decoder_num_heads)
@@ -141,6 +154,27 @@ def mae(
     size = f"depth {backbone_config['depth']}, width {backbone_config['hidden_size']}, patch {backbone_config['patch_size']}"
     decoder = "decoder loaded" if decoder_loaded else "encoder only: decoder freshly initialised"
     print(f"wrote {path}: MAE ({size}, input {backbone_config['input_size']}; {decoder}; norm_pix {norm_pix})")
+    return str(path)
+
+
+def fsdp(src: str, out: str, keep_optimizer_states: bool = False) -> str:
+    """Consolidate a sharded FSDP checkpoint directory into one ``.ckpt`` file (runs on the CPU, one process).
+
+        maskdiff convert fsdp runs/dit_xl2/checkpoints/last.ckpt/ dit_xl2_last.ckpt
+
+    Args:
+        src: the checkpoint directory (e.g. ``runs/dit_xl2/checkpoints/last.ckpt/``).
+        out: ``.ckpt`` file to write.
+        keep_optimizer_states: keep the optimizer states (to resume under DDP or one device); off: weights only,
+            enough to sample, evaluate, probe or fine-tune.
+    """
+    checkpoint = consolidate_sharded_checkpoint(src, keep_optimizer_states)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    tensors = sum(1 for value in checkpoint["state_dict"].values() if isinstance(value, torch.Tensor))
+    optimizer = "with optimizer states" if "optimizer_states" in checkpoint else "weights only"
+    print(f"wrote {path}: {tensors} tensors from {src}, step {checkpoint.get('global_step', '?')} ({optimizer})")
     return str(path)
 
 

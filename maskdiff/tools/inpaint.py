@@ -2,36 +2,31 @@
 
     maskdiff inpaint --ckpt runs/quickstart/checkpoints/last.ckpt --image digits:0 --mask_kind half --side left --out panel.png
     maskdiff inpaint --ckpt last.ckpt --image photo.png --mask mask.png --samples 4 --sampler ddim --steps 50 --out panel.png
-    maskdiff inpaint --ckpt runs/diffmae_digits/checkpoints/last.ckpt --compare_ckpt runs/mae_digits/checkpoints/last.ckpt \
+    maskdiff inpaint --ckpt runs/diffmae_digits/checkpoints/last.ckpt --compare_ckpt runs/mae_digits/checkpoints/last.ckpt \\
         --image digits:3 --mask_kind random --mask_ratio 0.75 --steps 100 --out mae_vs_diffmae.png
-    maskdiff inpaint --ckpt runs/diffmae_moving_digits/checkpoints/last.ckpt --video moving_digits:0 --mask_kind tube \
+    maskdiff inpaint --ckpt last.ckpt --image digits:3 --mask_kind random --masker maskdiff.corruption.BlockMasker --out blocks.png
+    maskdiff inpaint --ckpt runs/diffmae_moving_digits/checkpoints/last.ckpt --video moving_digits:0 --mask_kind tube \\
         --mask_ratio 0.9 --samples 2 --steps 100 --out clip.gif          # also writes clip_strip.png
+
+Images, masks, clips and panels are made by :mod:`maskdiff.inpainting`; each model samples as
+:func:`~maskdiff.tools.sampling.build_sampling` says.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from maskdiff.callbacks.sample_grid import save_grid
+from maskdiff.corruption.maskers import Masker
 from maskdiff.corruption.pixel_masks import token_mask
-from maskdiff.samplers.first_step import FirstStepSampler
-from maskdiff.inpainting.masks import (
-    MASK_KINDS,
-    check_ratio,
-    fit_square,
-    load_mask,
-    make_mask,
-
-)
-from maskdiff.inpainting.panels import label_width, labelled_panel, save_panel
+from maskdiff.inpainting.images import load_image
+from maskdiff.inpainting.masks import MASK_KINDS, check_ratio, load_mask, make_mask, masker_mask
+from maskdiff.inpainting.panels import label_width, labelled_panel, save_panel, upscale
 from maskdiff.inpainting.video import (
     ANIMATION_SUFFIXES,
     MOVING_DIGITS_PREFIX,
@@ -43,62 +38,22 @@ from maskdiff.inpainting.video import (
     read_video_frames,
     write_animation,
 )
-from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler
+from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.checkpoints import load_method
+from maskdiff.tools.sampling import ONE_STEP, Sampling, build_sampling, describe_guidance, describe_sampler
 
-DIGITS_PREFIX = "digits:"
-PANEL_MIN_SIDE = 64
-
-
-def load_digit(spec: str) -> tuple[Image.Image, int]:
-    """``digits:IDX`` -> the IDX-th digit of the embedded validation split as its 8×8 shard PNG pixels, and its label."""
-    from maskdiff.data.digits import digits_pixels
-    from maskdiff.evaluation.digits_judge import load_digits_split
-
-    images, labels = load_digits_split("val")
-    index = spec[len(DIGITS_PREFIX):]
-    if not index.isdigit() or int(index) >= len(labels):
-        raise ValueError(f"image {spec!r}: expected digits:IDX with IDX in [0, {len(labels)}) (the digits validation split)")
-    values = ((images[int(index), 0] + 1) * 8).numpy()
-    return Image.fromarray(digits_pixels(values), mode="L"), int(labels[int(index)])
+Models = list[tuple[MaskDiffModule, str]]
 
 
-def load_image(spec: str, size: int, channels: int) -> tuple[torch.Tensor, int | None, tuple[int, int]]:
-    """An image file or ``digits:IDX`` -> ``(image (C, size, size) in [-1, 1], label or None, source (width, height))``.
-
-    Centre-cropped to a square and resized bilinearly, as the data pipeline does.
-    """
-    label = None
-    if spec.startswith(DIGITS_PREFIX):
-        image, label = load_digit(spec)
-    else:
-        try:
-            with Image.open(Path(spec).expanduser()) as opened:
-                image = opened.convert("L" if channels == 1 else "RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {spec}: {error}; expected an image file or digits:IDX") from error
-    source_size = image.size
-    if image.mode != ("L" if channels == 1 else "RGB"):
-        image = image.convert("L" if channels == 1 else "RGB")
-    pixels = torch.from_numpy(np.array(fit_square(image, size, Image.Resampling.BILINEAR), dtype=np.uint8))
-    pixels = pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0, label, source_size
-
-
-def upscale(images: torch.Tensor, min_side: int = PANEL_MIN_SIDE) -> torch.Tensor:
-    """``(B, C, S, S)`` -> nearest-upscaled by the smallest integer factor giving a side of at least ``min_side``."""
-    factor = max(1, math.ceil(min_side / images.shape[-1]))
-    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
-
-
-def model_label(module, ckpt: str, others: list[tuple[object, str]]) -> str:
+def model_label(module: MaskDiffModule, ckpt: str, others: Models) -> str:
     """Row label of a model in a comparison: its method class, plus the checkpoint path when two share a class."""
     name = type(module).__name__
     return f"{name} ({ckpt})" if sum(type(other).__name__ == name for other, _ in others) > 1 else name
 
 
-def check_same_geometry(module, other, ckpt: str, compare_ckpt: str) -> None:
+def check_same_geometry(module: MaskDiffModule, other: MaskDiffModule, ckpt: str, compare_ckpt: str) -> None:
     """Both models must take the same input and cut it into the same token grid, so one mask means the same to both."""
-    def geometry(method) -> tuple:
+    def geometry(method: MaskDiffModule) -> tuple:
         patchifier = method.patchifier
         return (tuple(patchifier.sample_shape[1:]), patchifier.grid, method.autoencoder.downsample * patchifier.patch_size,
                 patchifier.tubelet)
@@ -112,22 +67,25 @@ def check_same_geometry(module, other, ckpt: str, compare_ckpt: str) -> None:
         )
 
 
-def sampling_note(module, sampler: str, steps: int, seed: int, guidance, conditioned: bool) -> str:
-    if getattr(module.corruption, "schedule", None) is None:
-        return "one-step reconstruction (no sampler)"
-    used = guidance or module.guidance
-    cfg = f"cfg {used.scale}" if used is not None and used.active and conditioned else "no guidance"
-    chain = "first step (x̂0 at t = T-1)" if sampler == "first_step" else f"{sampler}-{steps}"
-    return f"{chain}, {cfg}, seed {seed}"
+def sampling_note(sampling: Sampling, seed: int, conditioned: bool) -> str:
+    """What a model sampled with, for the command's output; guidance only counts for a class-conditioned model."""
+    if sampling.description == ONE_STEP:
+        return ONE_STEP
+    guidance = describe_guidance(sampling.guidance) if conditioned else "no guidance"
+    return f"{describe_sampler(sampling.sampler)}, {guidance}, seed {seed}"
 
 
-def draws_for(module, samples: int) -> int:
+def draws_for(module: MaskDiffModule, samples: int) -> int:
     """``samples``, or 1 for a deterministic (non-generative) method, with a note."""
-    if getattr(module.corruption, "schedule", None) is None and samples > 1:
+    if module.corruption.schedule is None and samples > 1:
         print(f"note: {type(module).__name__} inpaints deterministically in one step; drawing 1 result, not {samples}",
               file=sys.stderr)
         return 1
     return samples
+
+
+def random_mask_note(mask_ratio: float, masker: Masker | None) -> str:
+    return f"ratio {mask_ratio}" if masker is None else f"ratio {mask_ratio}, {masker!r}"
 
 
 def inpaint(
@@ -139,6 +97,7 @@ def inpaint(
     mask: str | None = None,
     mask_kind: Literal["random", "box", "half", "outpaint", "tube", "future"] | None = None,
     mask_ratio: float | None = None,
+    masker: Masker | None = None,
     box: list[float] | None = None,
     side: Literal["left", "right", "top", "bottom"] = "left",
     future_frames: int | None = None,
@@ -146,15 +105,17 @@ def inpaint(
     fps: int = 4,
     label: int | None = None,
     samples: int = 4,
-    sampler: Literal["ddpm", "ddim", "first_step"] = "ddpm",
-    steps: int = 250,
-    eta: float = 0.0,
+    sampler: Literal["ddpm", "ddim", "first_step"] | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
     weights: Literal["ema", "raw"] = "ema",
     device: str = "cpu",
 ) -> str:
     """Inpaint one image (a PNG panel) or one video clip (an animated GIF/MP4 and a frame strip PNG).
+
+        maskdiff inpaint --ckpt runs/quickstart/checkpoints/last.ckpt --image digits:0 --mask_kind half --out panel.png
 
     Image: the panel is input | input with the masked region greyed | results. The image is centre-cropped and
     resized to the model's input (patch grid side × patch size × autoencoder downsample); a token is generated if
@@ -167,7 +128,8 @@ def inpaint(
     reverse chain on the hidden ones; known pixels are kept exactly.
 
     With ``compare_ckpt``, the same input and the same mask go through both checkpoints (e.g. MAE's one-step
-    reconstruction next to DiffMAE's samples), one labelled row (video: row block) per model.
+    reconstruction next to DiffMAE's samples), one labelled row (video: row block) per model. Each model samples
+    with its own configured sampler unless ``sampler``/``steps``/``eta`` override it; the one used is printed.
 
     Args:
         ckpt: maskdiff checkpoint (generative models sample RePaint-style, DiffMAE natively; MAE fills the mask in
@@ -185,6 +147,9 @@ def inpaint(
             ``box``/``half``/``outpaint`` in every frame, or ``future`` (generate the last frames).
         mask_ratio: share to generate for ``random``, ``tube``, a centred ``box`` and ``outpaint``, in (0, 1)
             (default 0.5 for images, 0.9 for video).
+        masker: which tokens ``random`` generates, a masker by class path (e.g.
+            ``maskdiff.corruption.BlockMasker``, with ``--masker.init_args.min_block 2``); default: uniformly
+            random tokens.
         box: ``[x0, y0, x1, y1]`` as fractions of the side for ``box`` (e.g. ``--box [0.25,0.25,0.75,0.75]``).
         side: the half to generate for ``half``.
         future_frames: frames to generate for ``future`` (default half the clip).
@@ -193,22 +158,24 @@ def inpaint(
         label: class to condition on (default: the digit's own label for ``digits:IDX``, else unconditional).
         samples: results to draw (one for deterministic methods such as MAE).
         sampler: ``ddpm`` (ancestral, respaced), ``ddim``, or ``first_step`` (x̂0 from pure noise at t = T - 1 in
-            one call: a diffusion model's MAE-like reconstruction, :class:`FirstStepSampler`).
-        steps: respaced sampling steps (``ddpm``, ``ddim``).
-        eta: DDIM η (0 = deterministic).
+            one call: a diffusion model's MAE-like reconstruction, :class:`FirstStepSampler`); default: each
+            checkpoint's own.
+        steps: respaced sampling steps (``ddpm``, ``ddim``); default: the checkpoint sampler's.
+        eta: DDIM η (0 = deterministic); default: the checkpoint's DDIM η, else 0.
         cfg_scale: classifier-free guidance scale (1 = off); default: the guidance stored with the method, or none.
         seed: seeds the random mask and the sampling noise (the same for both checkpoints of a comparison).
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to run on.
     """
-    from maskdiff.methods.checkpoints import load_method
-
     if (image is None) == (video is None):
         raise ValueError("pass exactly one of --image (an image or digits:IDX) and --video (a clip, frames folder or moving_digits:IDX)")
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     if mask_ratio is not None:
         check_ratio(mask_ratio)
+    if masker is not None and (mask is not None or (mask_kind or ("tube" if video else "random")) != "random"):
+        raise ValueError(f"--masker {masker!r} chooses the tokens of --mask_kind random; pass --mask_kind random "
+                         "and no --mask")
     module = load_method(ckpt, map_location=device).to(device).eval()
     models = [(module, ckpt)]
     if compare_ckpt is not None:
@@ -218,19 +185,21 @@ def inpaint(
     for model, path in models:
         if weights == "ema" and model.ema_backbone is None:
             print(f"note: {path} has no EMA weights; inpainting with the raw weights", file=sys.stderr)
-    chosen = {"ddpm": lambda: DDPMSampler(steps), "ddim": lambda: DDIMSampler(steps, eta), "first_step": FirstStepSampler}[sampler]()
-    settings = {"sampler_name": sampler, "chosen": chosen, "steps": steps, "seed": seed, "weights": weights}
+    options = {"sampler": sampler, "steps": steps, "eta": eta}
+    settings = {"seed": seed, "weights": weights, "masker": masker}
     if video is not None:
         return inpaint_video(models, video, out or "inpaint.gif", mask, mask_kind or "tube",
                              0.9 if mask_ratio is None else mask_ratio, box, side, future_frames, start_frame, fps,
-                             samples, cfg_scale, **settings)
+                             samples, cfg_scale, options, **settings)
     return inpaint_image(models, image, out or "inpaint.png", mask, mask_kind or "random",
-                         0.5 if mask_ratio is None else mask_ratio, box, side, label, samples, cfg_scale, **settings)
+                         0.5 if mask_ratio is None else mask_ratio, box, side, label, samples,
+                         {**options, "cfg_scale": cfg_scale}, **settings)
 
 
-def inpaint_image(models, image, out, mask, mask_kind, mask_ratio, box, side, label, samples, cfg_scale, *,
-                  sampler_name, chosen, steps, seed, weights) -> str:
-    """The image half of :func:`inpaint`."""
+def inpaint_image(models: Models, image: str, out: str, mask: str | None, mask_kind: str, mask_ratio: float,
+                  box: list[float] | None, side: str, label: int | None, samples: int, options: dict[str, Any], *,
+                  seed: int, weights: str, masker: Masker | None) -> str:
+    """The image half of :func:`inpaint`; ``options`` go to :func:`build_sampling` for each model."""
     module, ckpt = models[0]
     if module.patchifier.frames is not None:
         raise ValueError(f"{ckpt} is a video model (input {tuple(module.patchifier.sample_shape)}); pass the clip with --video")
@@ -240,18 +209,21 @@ def inpaint_image(models, image, out, mask, mask_kind, mask_ratio, box, side, la
     size = module.patchifier.input_size * module.autoencoder.downsample
     channels = module.patchifier.channels if module.autoencoder.latent_channels is None else 3
     picture, own_label, source_size = load_image(image, size, channels)
+    generator = torch.Generator().manual_seed(seed)
     if mask is not None:
         pixel_mask = load_mask(mask, size, source_size)
         described_mask = f"mask {mask}"
     else:
-        pixel_mask = make_mask(mask_kind, size, mask_ratio, token_pixels, None if box is None else tuple(box), side,
-                               torch.Generator().manual_seed(seed))
-        detail = {"random": f"ratio {mask_ratio}", "box": f"box {box}" if box else f"centred, ratio {mask_ratio}",
+        if masker is not None:
+            pixel_mask = masker_mask(masker, module.patchifier.grid, mask_ratio, token_pixels, generator=generator)
+        else:
+            pixel_mask = make_mask(mask_kind, size, mask_ratio, token_pixels, None if box is None else tuple(box), side,
+                                   generator)
+        detail = {"random": random_mask_note(mask_ratio, masker), "box": f"box {box}" if box else f"centred, ratio {mask_ratio}",
                   "half": side, "outpaint": f"ratio {mask_ratio}"}[mask_kind]
         described_mask = f"{mask_kind} mask ({detail})"
     tokens = token_mask(pixel_mask[None], token_pixels)
     label = own_label if label is None else label
-    guidance = None if cfg_scale is None else ClassifierFreeGuidance(cfg_scale)
 
     rows, notes = [], []
     greyed = torch.where(pixel_mask, torch.zeros_like(picture), picture)
@@ -260,13 +232,15 @@ def inpaint_image(models, image, out, mask, mask_kind, mask_ratio, box, side, la
             raise ValueError(f"label {label} is outside [0, {model.backbone.num_classes}) for {path}")
         conditioned = model.conditional and label is not None
         draws = draws_for(model, samples)
+        sampling = build_sampling(model, **options)
         results = model.inpaint(
             picture.expand(draws, -1, -1, -1), pixel_mask, torch.full((draws,), label) if conditioned else None,
-            sampler=chosen, guidance=guidance, generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema",
+            sampler=sampling.sampler, guidance=sampling.guidance, generator=torch.Generator().manual_seed(seed),
+            use_ema=weights == "ema",
         ).cpu()
         rows.append((model_label(model, path, models), torch.cat([picture[None], greyed[None], results])))
         notes.append(f"{type(model).__name__}: {'label ' + str(label) if conditioned else 'unconditional'}, {draws} result(s), "
-                     f"{sampling_note(model, sampler_name, steps, seed, guidance, conditioned)}")
+                     f"{sampling_note(sampling, seed, conditioned)}")
     if len(rows) == 1:
         path = save_grid(upscale(rows[0][1]), out, per_row=len(rows[0][1]))
     else:
@@ -279,9 +253,11 @@ def inpaint_image(models, image, out, mask, mask_kind, mask_ratio, box, side, la
     return str(path)
 
 
-def inpaint_video(models, video, out, mask, mask_kind, mask_ratio, box, side, future_frames, start_frame, fps, samples,
-                  cfg_scale, *, sampler_name, chosen, steps, seed, weights) -> str:
-    """The video half of :func:`inpaint`."""
+def inpaint_video(models: Models, video: str, out: str, mask: str | None, mask_kind: str, mask_ratio: float,
+                  box: list[float] | None, side: str, future_frames: int | None, start_frame: int, fps: int,
+                  samples: int, cfg_scale: float | None, options: dict[str, Any], *, seed: int, weights: str,
+                  masker: Masker | None) -> str:
+    """The video half of :func:`inpaint`; ``options`` go to :func:`build_sampling` for each model."""
     module, ckpt = models[0]
     patchifier = module.patchifier
     if patchifier.frames is None:
@@ -303,14 +279,20 @@ def inpaint_video(models, video, out, mask, mask_kind, mask_ratio, box, side, fu
     else:
         raw, source = read_video_frames(video, channels), video
     clip = fit_clip(raw, num_frames, size, channels, start_frame, tubelet)
+    generator = torch.Generator().manual_seed(seed)
     if mask is not None:
         pixel_mask = load_mask(mask, size, (raw.shape[2], raw.shape[1])).expand(num_frames, -1, -1).clone()
         described_mask = f"mask {mask} in every frame"
     else:
-        pixel_mask = make_video_mask(mask_kind, num_frames, size, tubelet, token_pixels, mask_ratio,
-                                     None if box is None else tuple(box), side, future_frames,
-                                     torch.Generator().manual_seed(seed))
-        detail = f"last {int(pixel_mask.flatten(1).any(1).sum())} frames" if mask_kind == "future" else f"ratio {mask_ratio}"
+        if masker is not None:
+            pixel_mask = masker_mask(masker, patchifier.grid, mask_ratio, token_pixels, tubelet, generator)
+        else:
+            pixel_mask = make_video_mask(mask_kind, num_frames, size, tubelet, token_pixels, mask_ratio,
+                                         None if box is None else tuple(box), side, future_frames, generator)
+        if mask_kind == "future":
+            detail = f"last {int(pixel_mask.flatten(1).any(1).sum())} frames"
+        else:
+            detail = random_mask_note(mask_ratio, masker)
         described_mask = f"{mask_kind} mask ({detail})"
     tokens = token_mask(pixel_mask, token_pixels, tubelet)
 
@@ -318,11 +300,12 @@ def inpaint_video(models, video, out, mask, mask_kind, mask_ratio, box, side, fu
     blocks, notes = [], []
     for model, path in models:
         draws = draws_for(model, samples)
-        results = inpaint_clip(model, clip, pixel_mask, draws, chosen, torch.Generator().manual_seed(seed),
+        sampling = build_sampling(model, **options)
+        results = inpaint_clip(model, clip, pixel_mask, draws, sampling.sampler, torch.Generator().manual_seed(seed),
                                weights == "ema")
         name = model_label(model, path, models)
         blocks.append((name, results))
-        notes.append(f"{name}: {draws} result(s), {sampling_note(model, sampler_name, steps, seed, None, False)}")
+        notes.append(f"{name}: {draws} result(s), {sampling_note(sampling, seed, False)}")
 
     def frames_of(clips: torch.Tensor) -> torch.Tensor:
         return upscale(clips.transpose(0, 1))  # (C, F, S, S) -> (F, C, S', S')

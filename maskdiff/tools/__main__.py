@@ -1,0 +1,5 @@
+"""``python -m maskdiff.tools``: the ``maskdiff`` command."""
+
+from maskdiff.tools.main import main
+
+main()

@@ -1,0 +1,251 @@
+"""``maskdiff evaluate``: sample N images in the ADM ``.npz`` layout, record every setting, score with torch-fidelity.
+
+Sampling (:mod:`maskdiff.evaluation.evaluate`) is independent of the world size. Under ``torchrun``/``srun`` each
+rank writes its part next to the output and rank 0 assembles ``samples.npz``: ``arr_0`` uint8 ``(N, H, W, 3)``
+(grayscale repeated to RGB, as the ADM evaluator expects) and, for class-conditional models, ``arr_1`` the labels
+``(N,)`` (ADM's ``image_sample.py`` layout), with every setting in ``samples.json``. Scoring (references, metrics)
+lives in :mod:`maskdiff.evaluation.scoring`; its record goes to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import numpy as np
+import torch
+import torchmetrics
+
+import maskdiff
+from maskdiff.autoencoders.base import Autoencoder, PixelSpace
+from maskdiff.data.digits import default_cache_dir
+from maskdiff.evaluation.evaluate import (
+    CLASS_ORDER,
+    NOISE_RULE,
+    DistributedRun,
+    gather_parts,
+    generate_samples,
+    join_distributed_run,
+)
+from maskdiff.evaluation.inception import (
+    INCEPTION_EXTRACTOR,
+    file_sha256,
+    resolve_inception_weights,
+    to_inception_uint8,
+)
+from maskdiff.evaluation.scoring import load_samples_npz, reference_kind, score_samples, write_samples_npz
+from maskdiff.methods.checkpoints import load_method
+from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
+
+UINT8_RULE = "uint8 = clamp(127.5 * x + 128, 0, 255) truncated (DiT sample_ddp.py); grayscale repeated to 3 channels"
+
+
+# ---------------------------------------------------------------------------------------------- records
+def versions() -> dict[str, str | None]:
+    """Versions of maskdiff and of the libraries its numbers depend on."""
+    return {"maskdiff": maskdiff.__version__, "torch": torch.__version__, "torch_fidelity": version("torch-fidelity"),
+            "torchmetrics": torchmetrics.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def describe_autoencoder(autoencoder: Autoencoder) -> str | dict:
+    """``"pixels"`` or the VAE's class, path and latent scale."""
+    if isinstance(autoencoder, PixelSpace):
+        return "pixels"
+    return {"class": f"{type(autoencoder).__module__}.{type(autoencoder).__name__}",
+            "path": getattr(autoencoder, "path", None), "scale_factor": getattr(autoencoder, "scale_factor", None),
+            "downsample": getattr(autoencoder, "downsample", None)}
+
+
+def write_json(path: Path, record: dict) -> Path:
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def evaluate(
+    ckpt: str | None = None,
+    samples: str | None = None,
+    out: str = "evaluation",
+    num_samples: int = 50_000,
+    cfg_scale: float | None = None,
+    cfg_channels: int | Literal["all"] | None = None,
+    cfg_schedule: GuidanceSchedule | None = None,
+    cfg_power: float | None = None,
+    sampler: Literal["ddpm", "ddim"] | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    weights: Literal["ema", "raw"] = "ema",
+    batch_size: int = 64,
+    reference: str | None = None,
+    fid: bool = True,
+    isc: bool = True,
+    prc: bool = True,
+    inception_weights: str | None = None,
+    isc_splits: int = 10,
+    prc_reference: int = 10_000,
+    fid_layer: Literal["2048", "768", "192", "64"] = "2048",
+    device: str | None = None,
+) -> dict[str, float]:
+    """Sample a checkpoint into ``OUT/samples.npz`` (+ ``samples.json``) and score it into ``metrics.json``.
+
+        maskdiff evaluate --ckpt runs/quickstart/checkpoints/last.ckpt --num_samples 1000 --fid false --out eval/quickstart
+
+    Launch with ``torchrun --nproc_per_node G -m maskdiff.tools.main evaluate ...`` (or ``srun``) to split sampling
+    over processes; the samples do not depend on the number of processes. Every sampling option defaults to what
+    the checkpoint configures; ``samples.json`` records what was used.
+
+    Args:
+        ckpt: maskdiff checkpoint to sample (from ``fit`` or ``convert``).
+        samples: score this existing ``.npz`` (``arr_0`` uint8 NHWC) instead of sampling; results go next to it.
+        out: output folder for ``samples.npz``, ``samples.json`` and ``metrics.json``.
+        num_samples: N, the number of samples (50,000 for paper numbers).
+        cfg_scale: classifier-free guidance scale (1 = off); default: the guidance stored with the method.
+        cfg_channels: guide only the first k channels (official DiT: 3 of 4 latent channels), or ``all``;
+            default: the checkpoint's.
+        cfg_schedule: ``constant`` or MDT's ``power_cosine``; default: the checkpoint's (else ``constant``).
+        cfg_power: exponent of the power-cosine schedule; default: the checkpoint's (else 4).
+        sampler: ``ddpm`` (ancestral, respaced) or ``ddim``; default: the checkpoint's (else DDPM-250).
+        steps: respaced sampling steps; default: the checkpoint sampler's.
+        eta: DDIM η; default: the checkpoint's DDIM η, else 0.
+        seed: seed of the class order and of every sample's noise.
+        weights: ``ema`` or ``raw`` backbone weights.
+        batch_size: images per sampling and feature batch (noise is per sample: it changes samples only by float
+            rounding).
+        reference: ADM ``.npz`` with ``mu``/``sigma``, ``.npz`` with ``arr_0``, image folder, or shard pattern.
+        fid: compute FID (needs ``reference``).
+        isc: compute the Inception Score.
+        prc: compute precision/recall (needs reference images: folder, shards or an npz's ``arr_0``).
+        inception_weights: Inception weights file (default ``$MASKDIFF_INCEPTION_WEIGHTS``, then torch-fidelity's
+            cache file); never downloaded.
+        isc_splits: Inception Score splits.
+        prc_reference: reference images used for precision/recall from shards or an npz's ``arr_0``.
+        fid_layer: Inception features for FID: ``2048`` (standard; ADM reference statistics) or 768/192/64.
+        device: torch device (default: ``cuda`` when available, else ``cpu``; ``cuda:LOCAL_RANK`` under torchrun).
+    """
+    if (ckpt is None) == (samples is None):
+        raise ValueError("pass exactly one of --ckpt (sample, then score) or --samples PATH.npz (score only)")
+    scoring = fid or isc or prc
+    if scoring:
+        if (fid or prc) and reference is None:
+            raise ValueError("FID and precision/recall need --reference (ADM .npz, image folder or shard pattern); "
+                             "or pass --fid false --prc false")
+        weights_path = resolve_inception_weights(inception_weights)
+        if reference is not None:
+            reference_kind(reference)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if samples is not None:
+        samples_path = Path(samples).expanduser()
+        images = load_samples_npz(samples_path)
+        sidecar = samples_path.with_suffix(".json")
+        sampling = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    else:
+        use_cuda = torch.device(device).type == "cuda"
+        run = join_distributed_run(use_cuda)
+        if run.world_size > 1 and use_cuda:
+            device = f"cuda:{run.local_rank}"
+        options = {"sampler": sampler, "steps": steps, "eta": eta, "cfg_scale": cfg_scale,
+                   "cfg_channels": cfg_channels, "cfg_schedule": cfg_schedule, "cfg_power": cfg_power}
+        try:
+            samples_path, images, sampling = sample_to_npz(ckpt, Path(out), num_samples, options, seed, weights,
+                                                           batch_size, device, run)
+        finally:
+            run.close()
+        if run.rank != 0:
+            return {}
+    if not scoring:
+        return {}
+    metrics = score_samples(images, reference, fid, isc, prc, weights_path, batch_size, device,
+                            default_cache_dir(), isc_splits, prc_reference, fid_layer)
+    kind = reference_kind(reference) if reference is not None else None
+    record = {
+        "metrics": metrics,
+        "samples": str(samples_path),
+        "num_samples": len(images),
+        "image_size": list(images.shape[1:]),
+        "reference": reference,
+        "reference_kind": kind,
+        "fid_from": ("reference mu/sigma + maskdiff.evaluation.frechet (scipy sqrtm)"
+                     if kind in ("npz-statistics", "shards") else "torch_fidelity.calculate_metrics"),
+        "evaluator": f"torch-fidelity {version('torch-fidelity')} ({INCEPTION_EXTRACTOR}, TF1 bilinear resize)",
+        "inception_weights": {"path": str(weights_path), "sha256": file_sha256(weights_path)},
+        "fid_layer": fid_layer,
+        "isc_splits": isc_splits,
+        "prc_neighborhood": 3,
+        "prc_reference": prc_reference,
+        "versions": versions(),
+        "date": now(),
+        "sampling": sampling,
+    }
+    write_json(samples_path.with_name("metrics.json"), record)
+    for name, value in metrics.items():
+        print(f"{name} {value:.6g}")
+    return metrics
+
+
+def sample_to_npz(ckpt: str, out: Path, num_samples: int, options: dict[str, Any], seed: int, weights: str,
+                  batch_size: int, device: str, run: DistributedRun):
+    """Sample this rank's share with :func:`build_sampling` ``(module, **options)``; rank 0 assembles
+    ``out/samples.npz``, writes ``out/samples.json`` and returns ``(path, images (N, H, W, 3) uint8, record)``, the
+    other ranks ``(None, None, None)``."""
+    module = load_method(ckpt, map_location="cpu").to(device).eval()
+    use_ema = weights == "ema" and module.ema_backbone is not None
+    if weights == "ema" and not use_ema and run.rank == 0:
+        print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
+    sampling = build_sampling(module, **options)
+    parts: list[np.ndarray] = []
+    part_labels: list[np.ndarray] = []
+    generated_channels = None
+    for _, images, labels in generate_samples(module, num_samples, seed, sampling.sampler, sampling.guidance, use_ema,
+                                              None, batch_size, run.rank, run.world_size):
+        generated_channels = images.shape[1]
+        parts.append(to_inception_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
+        if labels is not None:
+            part_labels.append(labels.numpy())
+    images = np.concatenate(parts)
+    labels = np.concatenate(part_labels) if part_labels else None
+    if run.world_size > 1:
+        images, labels = gather_parts(out / ".samples-parts", images, labels, run)
+        if run.rank != 0:
+            return None, None, None
+    path = write_samples_npz(out / "samples.npz", images, labels)
+    record = {
+        "checkpoint": str(Path(ckpt).expanduser().resolve()),
+        "checkpoint_sha256": file_sha256(ckpt)[:16],
+        "method": f"{type(module).__module__}.{type(module).__name__}",
+        "weights": "ema" if use_ema else "raw",
+        "weights_requested": weights,
+        **sampling.record,
+        "clip_x0": module.clip_x0,
+        "seed": seed,
+        "num_samples": len(images),
+        "class_order": {"num_classes": module.backbone.num_classes, "rule": CLASS_ORDER,
+                        "counts": np.bincount(labels, minlength=module.backbone.num_classes).tolist()}
+        if labels is not None else None,
+        "noise": NOISE_RULE,
+        "image_size": list(images.shape[1:]),
+        "generated_channels": generated_channels,
+        "grayscale_repeated": generated_channels == 1,
+        "uint8": UINT8_RULE,
+        "autoencoder": describe_autoencoder(module.autoencoder),
+        "batch_size": batch_size,
+        "world_size": run.world_size,
+        "device": str(device),
+        "versions": versions(),
+        "date": now(),
+    }
+    write_json(path.with_suffix(".json"), record)
+    print(f"wrote {path} ({len(images)} samples {tuple(images.shape[1:])}, {sampling.description}, "
+          f"{record['weights']} weights, seed {seed})")
+    return path, images, record

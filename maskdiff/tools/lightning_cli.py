@@ -1,0 +1,79 @@
+"""LightningCLI with maskdiff's conventions: ``maskdiff fit|validate|test|predict`` and the ``preflight`` parser.
+
+``fit`` runs the preflight (:mod:`maskdiff.launch.preflight`) itself inside a SLURM job, and resolves
+``--ckpt_path last`` to the newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` (:mod:`maskdiff.launch.resume`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
+from maskdiff.launch.resume import newest_resume_checkpoint
+
+
+class MaskDiffCLI(LightningCLI):
+    """LightningCLI with maskdiff's conventions: modules (methods, fine-tuning) and data modules chosen by
+    ``class_path``, optimizers injected as callables, configs written into each run's log directory."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and not Path(ckpt_path).exists():
+                raise FileNotFoundError(
+                    f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file, a sharded FSDP "
+                    f"checkpoint directory, or one of {NAMED_CHECKPOINTS})"
+                )
+        super()._parse_ckpt_path()
+
+    def _subcommand_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building anything:
+        errors exit with code 2, warnings are printed."""
+        if self.subcommand != "fit":
+            return
+        config = self._subcommand_config()
+        if "SLURM_JOB_ID" in os.environ or LaunchConfig.from_config(config).slurm_plugin:
+            findings = run_preflight(config, launching=True)
+            if any(finding.severity == "error" for finding in findings):
+                sys.exit(2)
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
+        if self.config_init["fit"].get("ckpt_path") != "last":
+            return
+        newest = newest_resume_checkpoint(self.trainer)
+        if newest is not None:
+            self.config_init["fit"]["ckpt_path"] = str(newest)
+
+
+class PreflightCLI(MaskDiffCLI):
+    """``maskdiff preflight``: parse a ``fit`` command line, run the preflight, exit 0 (no errors) or 2."""
+
+    def _parse_ckpt_path(self) -> None:
+        """The preflight reports a missing checkpoint with the other problems and never loads one."""
+
+    def before_instantiate_classes(self) -> None:
+        findings = run_preflight(self._subcommand_config(), launching=False, stream=sys.stdout)
+        sys.exit(2 if any(finding.severity == "error" for finding in findings) else 0)
