@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from maskdiff.samplers.base import Sampler
-from maskdiff.samplers.ddpm import DDPMSampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
 SEED_STRIDE = 0x9E3779B1
@@ -126,7 +125,7 @@ def generate_samples(
 
     The union over ranks is the same set of images for any ``world_size`` (see the module docstring).
     """
-    sampler = sampler or module.sampler or DDPMSampler()
+    sampler = module.chosen_sampler(sampler)
     labels = sampling_labels(module, num_samples, seed)
     for start, stop in batch_ranges(num_samples, batch_size, rank, world_size):
         images = generate_range(module, start, stop, labels, seed, sampler, guidance, use_ema, steps)

@@ -135,11 +135,12 @@ def build_sampling(
     cfg_power: float | None = None,
 ) -> Sampling:
     """The sampler and guidance a command uses on ``module``: the method's configured ones (``module.sampler``,
-    else DDPM-250; ``module.guidance``) with every option that is not ``None`` overriding its part.
+    else :meth:`~maskdiff.methods.MaskDiffModule.chosen_sampler`'s DDPM-250; ``module.guidance``) with every option
+    that is not ``None`` overriding its part.
 
     A method that cannot generate (no noise schedule, e.g. MAE) reconstructs in one step: its options are ignored.
     """
-    configured = module.sampler or DDPMSampler()
+    configured = module.chosen_sampler(None)
     if module.corruption.schedule is None:
         return Sampling(configured, None, ONE_STEP, {**sampler_record(configured, "unused"),
                                                      "cfg": guidance_record(None, "none")})
