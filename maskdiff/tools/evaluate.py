@@ -24,6 +24,7 @@ import torchmetrics
 
 import maskdiff
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
+from maskdiff.autoencoders.vae import StableDiffusionVAE
 from maskdiff.data.digits import default_cache_dir
 from maskdiff.evaluation.evaluate import (
     CLASS_ORDER,
@@ -63,8 +64,8 @@ def describe_autoencoder(autoencoder: Autoencoder) -> str | dict:
     if isinstance(autoencoder, PixelSpace):
         return "pixels"
     return {"class": f"{type(autoencoder).__module__}.{type(autoencoder).__name__}",
-            "path": getattr(autoencoder, "path", None), "scale_factor": getattr(autoencoder, "scale_factor", None),
-            "downsample": getattr(autoencoder, "downsample", None)}
+            "path": autoencoder.path if isinstance(autoencoder, StableDiffusionVAE) else None,
+            "scale_factor": autoencoder.scale_factor, "downsample": autoencoder.downsample}
 
 
 def write_json(path: Path, record: dict) -> Path:
