@@ -145,7 +145,7 @@ def test_loss_covers_only_the_hidden_tokens():
 
 
 def test_a_non_diffmae_backbone_is_refused():
-    with pytest.raises(ValueError, match="encode_context"):
+    with pytest.raises(ValueError, match="denoises the noised values of hidden tokens, but backbone MAE drops"):
         DiffMAE(create_backbone("mae_nano"))
 
 

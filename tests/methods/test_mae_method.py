@@ -53,7 +53,7 @@ def test_defaults_follow_the_paper():
     assert id(method.backbone.cls_token) not in no_decay_ids and id(method.backbone.mask_token) not in no_decay_ids
     assert all(p.ndim <= 1 for p in no_decay["params"])
     assert id(method.backbone.patch_embed.weight) not in no_decay_ids
-    with pytest.raises(ValueError, match="not generative"):
+    with pytest.raises(ValueError, match="MAE cannot generate: objective MaskedReconstruction declares no parameterization"):
         method.generate(num=2)
 
 

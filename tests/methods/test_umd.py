@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from maskdiff.backbones import Backbone
 from maskdiff.backbones import UMD as UMDBackbone
 from maskdiff.backbones.embeddings import timestep_frequencies
 from maskdiff.methods.checkpoints import load_backbone_weights
@@ -23,14 +24,15 @@ def nano_umd(**overrides) -> UMDBackbone:
     return UMDBackbone(**{**NANO, **overrides})
 
 
-class RecordingBackbone(torch.nn.Module):
-    """Wraps a backbone and records what each call received."""
+class RecordingBackbone(Backbone):
+    """Wraps a backbone, declares what it declares, and records what each call received."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
         self.calls = []
-        for name in ("patchifier", "num_classes", "output_parts", "num_prefix_tokens"):
+        for name in ("patchifier", "num_classes", "output_parts", "num_prefix_tokens", "takes_timesteps",
+                     "features_take_timesteps", "hidden_tokens"):
             setattr(self, name, getattr(inner, name))
 
     def forward(self, tokens, t=None, y=None, masking=None):
