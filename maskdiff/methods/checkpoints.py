@@ -10,6 +10,7 @@ import lightning
 import torch
 
 from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.guards import first_nonfinite
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -37,7 +38,16 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
     if not (isinstance(method, type) and issubclass(method, MaskDiffModule)):
         raise ValueError(f"{path} was saved from {hparams['_class_path']}, which is not a maskdiff method")
     # Load through the saved class: Lightning keeps only the hparams the called class's __init__ accepts.
-    return method.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    module = method.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    refuse_nonfinite(module.state_dict(), path)
+    return module
+
+
+def refuse_nonfinite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a checkpoint whose weights hold a NaN or infinity, naming the file and the first bad tensor."""
+    bad = first_nonfinite(state_dict)
+    if bad is not None:
+        raise ValueError(f"{path} holds non-finite weights (first: {bad}); use an earlier checkpoint of the run")
 
 
 def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
@@ -76,6 +86,7 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: 
     weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not weights:
         raise ValueError(f"{path} holds no backbone weights (no keys starting with {prefix!r})")
+    refuse_nonfinite(weights, path)
     own = backbone.state_dict()
     unexpected = sorted(set(weights) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -11,15 +11,24 @@ rank and the verdict is agreed over ranks (one boolean all-reduce), so all ranks
 :class:`FloatingPointError` naming the step before anything is written, so the last good checkpoint stays as it is;
 ``"skip"`` drops the gradients (the optimizer leaves parameters and moments untouched; the learning-rate schedule
 still advances) and stops after ``max_skipped_steps`` skips in a row.
+
+*Weights checked before they are kept.* Finite gradients can still give non-finite weights (a learning-rate spike
+overflows an update). Right after every optimizer step (and the EMA update), before any callback can save the step,
+every parameter (EMA copy included) is checked. ``"stop"`` raises naming the step and the first bad tensor, so no
+checkpoint holds them; ``"skip"`` restores the weights and optimizer state of before the step from a copy taken
+before it (one copy of the parameters and optimizer state: the memory that ``skip`` costs) and counts the step as
+skipped.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.core.optimizer import LightningOptimizer
 import numpy as np
 import torch
 
@@ -35,6 +44,17 @@ def step_seed(run_seed: int, rank: int, step: int) -> int:
 def run_seed() -> int:
     """The seed ``seed_everything`` set for this run (``PL_GLOBAL_SEED``), 0 when it was not called."""
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
+def first_nonfinite(named: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` holding a NaN or infinity, or ``None``; one device
+    read."""
+    floating = [(name, tensor) for name, tensor in named.items() if tensor.is_floating_point() and tensor.numel()]
+    if not floating:
+        return None
+    norms = torch._foreach_norm([tensor.detach() for _, tensor in floating])
+    finite = torch.isfinite(torch.stack([norm.float().to(norms[0].device) for norm in norms])).tolist()
+    return next((name for (name, _), ok in zip(floating, finite) if not ok), None)
 
 
 def check_nonfinite_options(on_nonfinite: str, max_skipped_steps: int) -> None:
@@ -85,31 +105,62 @@ class TrainingGuards(L.LightningModule):
             return True, True
         return loss is None or bool(finite[0]), False
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        loss_finite, local_ok = self._step_finite()
-        strategy = self.trainer.strategy
-        all_ok = strategy.reduce_boolean_decision(local_ok, all=True) if self.trainer.world_size > 1 else local_ok
-        if all_ok:
-            self._skipped_in_a_row = 0
-            return
-        where = f"loss {float(self._step_loss)}" if not loss_finite else "gradients" if not local_ok else "gradients on another rank"
-        step = f"optimizer step {self.global_step + 1} (global_step {self.global_step}, epoch {self.current_epoch})"
-        if self.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"non-finite {where} in {step}; stopped before the optimizer step, so no checkpoint holds it. "
-                "Resume from the last checkpoint, e.g. with a lower learning rate or gradient_clip_val, "
-                "or set on_nonfinite: skip"
-            )
+    def _agreed(self, local_ok: bool) -> bool:
+        """``local_ok`` on every rank (one boolean all-reduce when there are several)."""
+        return self.trainer.strategy.reduce_boolean_decision(local_ok, all=True) if self.trainer.world_size > 1 else local_ok
+
+    def _step_name(self) -> str:
+        return f"optimizer step {self.global_step + 1} (global_step {self.global_step}, epoch {self.current_epoch})"
+
+    def _count_skip(self, where: str, what: str) -> None:
+        """Count a skipped step; stop after ``max_skipped_steps`` in a row."""
         self._skipped_in_a_row += 1
         self.skipped_steps += 1
         if self._skipped_in_a_row > self.max_skipped_steps:
             raise FloatingPointError(
-                f"non-finite {where} in {step}: {self._skipped_in_a_row} steps in a row were skipped "
+                f"non-finite {where} in {self._step_name()}: {self._skipped_in_a_row} steps in a row were skipped "
                 f"(max_skipped_steps {self.max_skipped_steps}); stopping, the last checkpoint holds the last good weights"
+            )
+        self.print(f"warning: non-finite {where} in {self._step_name()}; {what} "
+                   f"({self._skipped_in_a_row} in a row, {self.skipped_steps} in all)")
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        loss_finite, local_ok = self._step_finite()
+        if self._agreed(local_ok):
+            self._skipped_in_a_row = 0
+            return
+        where = f"loss {float(self._step_loss)}" if not loss_finite else "gradients" if not local_ok else "gradients on another rank"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite {where} in {self._step_name()}; stopped before the optimizer step, so no checkpoint holds "
+                "it. Resume from the last checkpoint, e.g. with a lower learning rate or gradient_clip_val, "
+                "or set on_nonfinite: skip"
             )
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
-        self.print(f"warning: non-finite {where} in {step}; skipped this optimizer step "
-                   f"({self._skipped_in_a_row} in a row, {self.skipped_steps} in all)")
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        self._count_skip(where, "skipped this optimizer step")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step (and the EMA update of methods that keep one), then the weights' check, all before any
+        callback sees the step (see the module docstring)."""
+        saved = None
+        torch_optimizer = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if self.on_nonfinite == "skip":
+            saved = ([p.detach().clone() for p in self.parameters()], copy.deepcopy(torch_optimizer.state_dict()))
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        bad = first_nonfinite(dict(self.named_parameters()))
+        if self._agreed(bad is None):
+            return
+        where = f"weight {bad}" if bad is not None else "weights on another rank"
+        if saved is None:
+            raise FloatingPointError(
+                f"non-finite {where} after {self._step_name()} (the loss and gradients were finite: an update "
+                "overflowed); stopped before anything was saved, so the last checkpoint holds the last good weights. "
+                "Resume from it with a lower learning rate, or set on_nonfinite: skip"
+            )
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.parameters()), saved[0])
+        torch_optimizer.load_state_dict(saved[1])
+        self._count_skip(where, "restored the weights and optimizer state of before this step")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -10,8 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.methods import DiT
+from maskdiff.methods.checkpoints import load_method
 from maskdiff.methods.guards import step_seed
 from maskdiff.objectives.base import ObjectiveOutput
+from maskdiff.tools.sample import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,3 +106,67 @@ def test_step_seeds_differ_by_step_rank_and_run_and_repeat():
     assert len(seeds) == 2 * 3 * 50
     assert step_seed(7, 1, 123) == step_seed(7, 1, 123)
     assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+class SpikeLearningRate(L.Callback):
+    """Set every learning rate to infinity at the given (1-based) optimizer steps: finite gradients, non-finite
+    weights after the step."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.saved_lr: list[float] = []
+        self.weights_before: dict[int, dict[str, torch.Tensor]] = {}
+        self.weights_after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        optimizer = trainer.optimizers[0]
+        if self.saved_lr:
+            for group, lr in zip(optimizer.param_groups, self.saved_lr):
+                group["lr"] = lr
+            self.saved_lr = []
+        step = trainer.global_step + 1
+        if step in self.steps:
+            self.saved_lr = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = float("inf")
+            self.weights_before[step] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            self.weights_after[trainer.global_step] = {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_nonfinite_weights_after_a_step_stop_the_run_before_anything_is_saved(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite weight backbone\.\S+ after optimizer step 4 .*before anything was saved"):
+        trainer(tmp_path, 8, SpikeLearningRate({4})).fit(tiny_method(), loader())
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert not (tmp_path / "epoch=0-step=4.ckpt").exists()
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_skip_rolls_nonfinite_weights_back_and_trains_on(tmp_path):
+    spike = SpikeLearningRate({3})
+    method = tiny_method(on_nonfinite="skip")
+    trainer(tmp_path, 6, spike).fit(method, loader())
+    assert method.skipped_steps == 1 and method.global_step == 6
+    before, after = spike.weights_before[3], spike.weights_after[3]
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert [state["step"].item() for state in last["optimizer_states"][0]["state"].values()][0] == 5
+
+
+def test_commands_refuse_a_checkpoint_with_nonfinite_weights(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "fixtures" / "legacy" / "dit.ckpt"
+    checkpoint = torch.load(source, weights_only=True)
+    name = next(key for key in checkpoint["state_dict"] if key.startswith("ema_backbone.") and key.endswith("weight"))
+    checkpoint["state_dict"][name][0] = float("nan")
+    poisoned = tmp_path / "poisoned.ckpt"
+    torch.save(checkpoint, poisoned)
+    with pytest.raises(ValueError, match=rf"{poisoned} holds non-finite weights \(first: {re.escape(name)}\)"):
+        load_method(poisoned)
+    with pytest.raises(ValueError, match="holds non-finite weights"):
+        sample(str(poisoned), out=str(tmp_path / "grid.png"))
+    assert not (tmp_path / "grid.png").exists()
