@@ -1,8 +1,10 @@
 """Training-loop guards shared by every maskdiff LightningModule: step-keyed randomness and the non-finite guard.
 
 *Step-keyed randomness.* Before every training batch the global torch, numpy and ``random`` generators are reseeded from
-``(run seed, global rank, global step)``. Everything random in a step (noise, timesteps, masks, dropout, label
-drop) is then a function of the step alone: a run resumed from a checkpoint draws exactly what the uninterrupted
+``(run seed, global rank, global step, micro-batch)``, the micro-batch being the batch's place in its optimizer step
+under gradient accumulation (``global_step`` advances only at optimizer steps, so without it all micro-batches of a
+step would draw the same masks, timesteps and noise). Everything random in a step is then a function of the step and
+micro-batch alone: a run resumed from a checkpoint draws exactly what the uninterrupted
 run drew, under DDP too (where Lightning would give every rank the same seed), and no generator state has to be
 carried in checkpoints.
 
@@ -35,9 +37,11 @@ import torch
 NonFiniteAction = Literal["stop", "skip"]
 
 
-def step_seed(run_seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for the training step ``step`` of rank ``rank`` in a run seeded with ``run_seed``."""
-    state = np.random.SeedSequence([run_seed & 0xFFFFFFFF, rank, step, 0x6D61736B]).generate_state(2, np.uint32)
+def step_seed(run_seed: int, rank: int, step: int, micro_batch: int = 0) -> int:
+    """A 63-bit seed for micro-batch ``micro_batch`` of training step ``step`` on rank ``rank`` in a run seeded with
+    ``run_seed`` (micro-batch 0, the only one without gradient accumulation, keeps the seed of a plain step)."""
+    entropy = [run_seed & 0xFFFFFFFF, rank, step, 0x6D61736B] + ([micro_batch] if micro_batch else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
 
 
@@ -83,7 +87,8 @@ class TrainingGuards(L.LightningModule):
         self.skipped_steps = 0
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        seed = step_seed(run_seed(), self.global_rank, self.global_step)
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        seed = step_seed(run_seed(), self.global_rank, self.global_step, micro_batch)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy and random
         random.seed(seed)

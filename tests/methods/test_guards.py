@@ -170,3 +170,28 @@ def test_commands_refuse_a_checkpoint_with_nonfinite_weights(tmp_path):
     with pytest.raises(ValueError, match="holds non-finite weights"):
         sample(str(poisoned), out=str(tmp_path / "grid.png"))
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_micro_batches_of_one_step_draw_fresh_randomness_under_accumulation(tmp_path):
+    method = tiny_method()
+    drawn = []
+    corruption_forward = method.corruption.forward
+
+    def recording(clean, grid):
+        views = corruption_forward(clean, grid)
+        drawn.append((method.global_step, views[0].t.clone(), views[0].noise.clone()))
+        return views
+
+    method.corruption.forward = recording
+    L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=4, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(method, loader())
+    assert [step for step, _, _ in drawn] == [0, 0, 0, 0, 1, 1, 1, 1]
+    for first in range(len(drawn)):
+        for second in range(first + 1, len(drawn)):
+            assert not torch.equal(drawn[first][2], drawn[second][2]), (first, second)
+
+
+def test_step_seeds_differ_by_micro_batch_and_rank_and_keep_plain_steps_unchanged():
+    seeds = {(rank, micro): step_seed(0, rank, 5, micro) for rank in range(2) for micro in range(4)}
+    assert len(set(seeds.values())) == 8
+    assert step_seed(0, 1, 5) == step_seed(0, 1, 5, 0)

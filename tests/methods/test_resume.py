@@ -30,6 +30,18 @@ class CrashAtStep(L.Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
+class CrashAtMicroBatch(L.Callback):
+    """Kill the run at micro-batch ``micro_batch`` of optimizer step ``step`` (gradient accumulation)."""
+
+    def __init__(self, step: int, micro_batch: int) -> None:
+        self.step = step
+        self.micro_batch = micro_batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1 and batch_idx % trainer.accumulate_grad_batches == self.micro_batch:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
 def resumable_config(tmp_path: Path, base: Path, overrides: dict) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path, _ = config_in(tmp_path, base)
@@ -61,21 +73,22 @@ def step_losses(log_root: Path) -> dict[int, float]:
     return losses
 
 
-def run_with_crash_and_resume(tmp_path: Path, base: Path, overrides: dict) -> tuple[dict, dict, dict, dict]:
-    """(uninterrupted losses, resumed losses, uninterrupted final checkpoint, resumed final checkpoint)."""
+def run_with_crash_and_resume(tmp_path: Path, base: Path, overrides: dict, extra: tuple[str, ...] = (),
+                              crash: str | None = None, final: str = "epoch=2-step=12.ckpt") -> tuple[dict, dict, dict, dict]:
+    """(uninterrupted losses, resumed losses, uninterrupted final checkpoint, resumed final checkpoint); ``extra``
+    are fit arguments of both runs, ``crash`` the crashing callback (default: at the start of step 8)."""
     straight = resumable_config(tmp_path / "straight", base, dict(overrides, data=dict(overrides.get("data", {}))))
-    main(["fit", "--config", str(straight)])
+    main(["fit", "--config", str(straight), *extra])
 
     crashed_dir = tmp_path / "crashed"
     crashed = resumable_config(crashed_dir, base, dict(overrides, data=dict(overrides.get("data", {}))))
-    crash = f"{{'class_path': 'tests.methods.test_resume.CrashAtStep', 'init_args': {{'step': {CRASH_STEP}}}}}"
+    crash = crash or f"{{'class_path': 'tests.methods.test_resume.CrashAtStep', 'init_args': {{'step': {CRASH_STEP}}}}}"
     with pytest.raises(RuntimeError, match=f"simulated crash at step {CRASH_STEP}"):
-        main(["fit", "--config", str(crashed), f"--trainer.callbacks+={crash}"])
+        main(["fit", "--config", str(crashed), *extra, f"--trainer.callbacks+={crash}"])
     last = crashed_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
-    main(["fit", "--config", str(crashed), "--ckpt_path", str(last)])
+    main(["fit", "--config", str(crashed), *extra, "--ckpt_path", str(last)])
 
-    final = "epoch=2-step=12.ckpt"
     return (
         step_losses(tmp_path / "straight" / "logs"),
         step_losses(crashed_dir / "logs"),
@@ -115,4 +128,15 @@ def test_masked_autoencoder_resumes_exactly_with_workers(tmp_path, digits_cache,
     """MAE with random masking, read by a persistent data worker (the worker restarts on resume)."""
     overrides = {"data": {"num_workers": 1}}
     results = run_with_crash_and_resume(tmp_path, CONFIGS / "mae" / "mae_digits.yaml", overrides)
+    assert_same_run(*results)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_accumulation_resumes_exactly(tmp_path, digits_cache, one_thread):
+    """MAE with random masking and 2 micro-batches per step, killed at the second micro-batch of step 8."""
+    crash = (f"{{'class_path': 'tests.methods.test_resume.CrashAtMicroBatch', "
+             f"'init_args': {{'step': {CRASH_STEP}, 'micro_batch': 1}}}}")
+    results = run_with_crash_and_resume(tmp_path, CONFIGS / "mae" / "mae_digits.yaml", {},
+                                        extra=("--trainer.accumulate_grad_batches", "2"), crash=crash,
+                                        final="epoch=3-step=12.ckpt")
     assert_same_run(*results)
