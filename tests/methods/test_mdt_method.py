@@ -4,6 +4,8 @@ import sys
 
 import pytest
 import torch
+import yaml
+from timm.optim import Adan
 
 from maskdiff.backbones import MDTv2 as MDTv2Backbone
 from maskdiff.methods.checkpoints import load_method
@@ -93,3 +95,28 @@ def test_compare_dit_mdt_example(tmp_path, digits_cache):
         assert [row["step"] for row in run["history"]] == [2, 4]
         assert all(0.0 <= row["class_consistency"] <= 1.0 and row["digits_fd"] > 0 for row in run["history"])
     assert "| 4 |" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_mdtv2_configs_clip_the_global_gradient_norm_as_the_official_adan():
+    """The official trainer passes max_grad_norm=1 to Adan, which scales every gradient by min(1, 1 / (‖g‖ + eps))
+    over all parameters before its update; the configs clip by global norm 1 before timm's Adan: the same step."""
+    for name in ("mdtv2_s2_imagenet256.yaml", "mdtv2_xl2_imagenet256.yaml"):
+        trainer = yaml.safe_load((CONFIGS / "mdt" / name).read_text())["trainer"]
+        assert (trainer["gradient_clip_val"], trainer["gradient_clip_algorithm"]) == (1.0, "norm"), name
+    torch.manual_seed(0)
+    start = [torch.randn(8, 4), torch.randn(4)]
+    grads = [torch.randn(8, 4) * 3, torch.randn(4) * 3]
+    official = [p.clone().requires_grad_() for p in start]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    scale = torch.clamp(1.0 / (norm + 1e-8), max=1.0)
+    for param, grad in zip(official, grads):
+        param.grad = grad * scale
+    ours = [p.clone().requires_grad_() for p in start]
+    for param, grad in zip(ours, grads):
+        param.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_(ours, 1.0)
+    for params in (official, ours):
+        Adan(params, lr=3e-4, weight_decay=0.0).step()
+    assert norm > 1.0
+    for a, b in zip(official, ours):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
