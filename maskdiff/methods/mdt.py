@@ -19,7 +19,7 @@ from maskdiff.samplers.guidance import ClassifierFreeGuidance
 class MDT(MaskDiffModule):
     """Gao et al.'s recipe. ``None`` parts take MDT's defaults: ``MaskedNoise(0.3)`` (two views, same t,
     independent noise), the DiT hybrid loss on all tokens of both views (summed), DDPM-250 and power-cosine
-    guidance (scale 3.8, power 4). For MDTv2 set ``max_mask_ratio: 0.5`` and ``weighting: min_snr`` in YAML.
+    guidance (scale 3.8, power 4) on the first 3 channels, as the official ``forward_with_cfg``. For MDTv2 set ``max_mask_ratio: 0.5`` and ``weighting: min_snr`` in YAML.
     Other options: :class:`~maskdiff.methods.base.MaskDiffModule`."""
 
     def __init__(
@@ -36,6 +36,6 @@ class MDT(MaskDiffModule):
             corruption=corruption if corruption is not None else MaskedNoise(0.3),
             objective=objective if objective is not None else DiffusionLoss("eps", learn_sigma=backbone.output_parts == 2),
             sampler=sampler if sampler is not None else DDPMSampler(250),
-            guidance=guidance if guidance is not None else ClassifierFreeGuidance(3.8, schedule="power_cosine", power=4.0),
+            guidance=guidance if guidance is not None else ClassifierFreeGuidance(3.8, 3, "power_cosine", 4.0),
             **kwargs,
         )

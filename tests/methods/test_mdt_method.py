@@ -53,6 +53,7 @@ def test_sampling_does_not_depend_on_the_mask_settings():
 def test_default_guidance_is_power_cosine():
     method = small_method()
     assert method.guidance.schedule == "power_cosine" and method.guidance.scale == 3.8 and method.guidance.power == 4.0
+    assert method.guidance.channels == 3  # the official forward_with_cfg guides 3 of 4 latent channels
     assert isinstance(method.objective, DiffusionLoss) and method.objective.region == "all"
 
 
