@@ -86,6 +86,7 @@ def evaluate(
     sampler: Literal["ddpm", "ddim"] | None = None,
     steps: int | None = None,
     eta: float | None = None,
+    preset: str | None = None,
     seed: int = 0,
     weights: Literal["ema", "raw"] = "ema",
     batch_size: int = 64,
@@ -120,6 +121,9 @@ def evaluate(
         sampler: ``ddpm`` (ancestral, respaced) or ``ddim``; default: the checkpoint's (else DDPM-250).
         steps: respaced sampling steps; default: the checkpoint sampler's.
         eta: DDIM η; default: the checkpoint's DDIM η, else 0.
+        preset: a paper's sampling settings instead of the checkpoint's (``dit-xl2-cfg1.5`` for DiT's FID-50K,
+            ``dit-xl2-cfg4.0``, ``mdt-xl2``, ``umd-cfg2.0``, ``umd-cfg4.0``: :mod:`maskdiff.samplers.presets`); the
+            sampling options above still override their part; samples.json records the preset.
         seed: seed of the class order and of every sample's noise.
         weights: ``ema`` or ``raw`` backbone weights.
         batch_size: images per sampling and feature batch (noise is per sample: it changes samples only by float
@@ -157,7 +161,8 @@ def evaluate(
         if run.world_size > 1 and use_cuda:
             device = f"cuda:{run.local_rank}"
         options = {"sampler": sampler, "steps": steps, "eta": eta, "cfg_scale": cfg_scale,
-                   "cfg_channels": cfg_channels, "cfg_schedule": cfg_schedule, "cfg_power": cfg_power}
+                   "cfg_channels": cfg_channels, "cfg_schedule": cfg_schedule, "cfg_power": cfg_power,
+                   "preset": preset}
         try:
             samples_path, images, sampling = sample_to_npz(ckpt, Path(out), num_samples, options, seed, weights,
                                                            batch_size, device, run)

@@ -25,6 +25,7 @@ def sample(
     cfg_channels: int | Literal["all"] | None = None,
     cfg_schedule: GuidanceSchedule | None = None,
     cfg_power: float | None = None,
+    preset: str | None = None,
     seed: int = 0,
     weights: Literal["ema", "raw"] = "ema",
     device: str = "cpu",
@@ -50,6 +51,9 @@ def sample(
         cfg_channels: guide only the first k channels (official DiT: 3), or ``all``; default: the checkpoint's.
         cfg_schedule: ``constant`` or MDT's ``power_cosine``; default: the checkpoint's (else ``constant``).
         cfg_power: exponent of the power-cosine schedule; default: the checkpoint's (else 4).
+        preset: a paper's sampling settings instead of the checkpoint's (``dit-xl2-cfg1.5``, ``dit-xl2-cfg4.0``,
+            ``mdt-xl2``, ``umd-cfg2.0``, ``umd-cfg4.0``: :mod:`maskdiff.samplers.presets`); the options above still
+            override their part.
         seed: noise seed; the same seed and weights give the same image.
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to sample on.
@@ -62,7 +66,7 @@ def sample(
         labels = grid_labels(classes, per_class)
     else:
         labels = None
-    sampling = build_sampling(module, sampler, steps, eta, cfg_scale, cfg_channels, cfg_schedule, cfg_power)
+    sampling = build_sampling(module, sampler, steps, eta, cfg_scale, cfg_channels, cfg_schedule, cfg_power, preset)
     images = module.generate(
         labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,
         generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
+from maskdiff.autoencoders.vae import StableDiffusionVAE
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddim import DDIMSampler
 from maskdiff.samplers.ddpm import DDPMSampler
 from maskdiff.samplers.first_step import FirstStepSampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
+from maskdiff.samplers.presets import preset as sampling_preset
 
 SamplerName = Literal["ddpm", "ddim", "first_step"]
 GuidanceSchedule = Literal["constant", "power_cosine"]
@@ -133,10 +135,11 @@ def build_sampling(
     cfg_channels: int | Literal["all"] | None = None,
     cfg_schedule: GuidanceSchedule | None = None,
     cfg_power: float | None = None,
+    preset: str | None = None,
 ) -> Sampling:
     """The sampler and guidance a command uses on ``module``: the method's configured ones (``module.sampler``,
-    else :meth:`~maskdiff.methods.MaskDiffModule.chosen_sampler`'s DDPM-250; ``module.guidance``) with every option
-    that is not ``None`` overriding its part.
+    else :meth:`~maskdiff.methods.MaskDiffModule.chosen_sampler`'s DDPM-250; ``module.guidance``), or a paper's
+    ``preset`` (:mod:`maskdiff.samplers.presets`), with every option that is not ``None`` overriding its part.
 
     A method that cannot generate (no noise schedule, e.g. MAE) reconstructs in one step: its options are ignored.
     """
@@ -144,13 +147,23 @@ def build_sampling(
     if module.corruption.schedule is None:
         return Sampling(configured, None, ONE_STEP, {**sampler_record(configured, "unused"),
                                                      "cfg": guidance_record(None, "none")})
-    chosen = build_sampler(configured, sampler, steps, eta)
-    guidance = build_guidance(module.guidance, cfg_scale, cfg_channels, cfg_schedule, cfg_power)
-    if chosen is not configured:
+    chosen_preset = sampling_preset(preset) if preset is not None else None
+    start_sampler = chosen_preset.make_sampler() if chosen_preset else configured
+    start_guidance = chosen_preset.make_guidance() if chosen_preset else module.guidance
+    chosen = build_sampler(start_sampler, sampler, steps, eta)
+    guidance = build_guidance(start_guidance, cfg_scale, cfg_channels, cfg_schedule, cfg_power)
+    start_source = f"preset {preset}" if chosen_preset else None
+    if chosen is not start_sampler:
         sampler_source = "command line"
     else:
-        sampler_source = "checkpoint" if module.sampler is not None else "default"
-    guidance_source = "checkpoint" if guidance is module.guidance else "command line"
+        sampler_source = start_source or ("checkpoint" if module.sampler is not None else "default")
+    guidance_source = (start_source or "checkpoint") if guidance is start_guidance else "command line"
     description = f"{describe_sampler(chosen)}, {describe_guidance(guidance)}"
     record = {**sampler_record(chosen, sampler_source), "cfg": guidance_record(guidance, guidance_source)}
+    if chosen_preset:
+        decoder = module.autoencoder.path if isinstance(module.autoencoder, StableDiffusionVAE) else None
+        record["preset"] = {**chosen_preset.record(), "vae_used": decoder}
+        description += f", preset {preset}"
+        if decoder is not None and not decoder.rstrip("/").endswith(chosen_preset.vae):
+            description += f" (note: the paper decoded with {chosen_preset.vae}, this checkpoint's VAE is {decoder})"
     return Sampling(chosen, guidance, description, record)
