@@ -9,8 +9,8 @@ same recipe (labels on, mask 0, r = 0.05, AdamW β2 0.999) and judges its sample
     python examples/compare_umd.py --pretrain_steps 300 --finetune_steps 200 --out runs/compare_umd_small
 
 Columns: linear-probe top-1 on the frozen pre-trained encoder (mean of the register tokens at t = 0, no mask; BN +
-linear head with SGD, 90 epochs, all 1,497 training digits) and UMD's 10-shot ridge probe (closed form, the paper's
-few-shot protocol scaled down; ``--l2_reg`` 1 instead of the paper's 1024, which is sized for 100k ImageNet shots);
+linear head with SGD, 90 epochs, all 1,497 training digits) and UMD's 10-shot probe (big_vision's ``fewshot_lsr``:
+standardised features, a bias feature, closed-form ridge with the paper's l2 1024; 10 shots instead of 100);
 digits Fréchet distance and class consistency after the fine-tune (EMA weights,
 DDIM-50 η = 1, cfg 2.0, 300 samples); pre-training and fine-tuning images/s (training steps only).
 Outputs: <out>/comparison.md, <out>/comparison.json, and each run's logs and checkpoints.
@@ -33,7 +33,8 @@ from maskdiff.tools.lightning_cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
 from maskdiff.backbones.features import FeatureSpec
 from maskdiff.evaluation.features import extract_dataset_features
-from maskdiff.evaluation.linear_probe import few_shot_probe, load_datamodule, run_linear_probe, train_split_batches
+from maskdiff.evaluation.few_shot import few_shot_probe
+from maskdiff.evaluation.linear_probe import load_datamodule, run_linear_probe, train_split_batches
 from maskdiff.samplers import DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--per_class", type=int, default=30, help="evaluation samples per digit")
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     parser.add_argument("--shots", type=int, default=10, help="examples per class of the few-shot ridge probe")
-    parser.add_argument("--l2_reg", type=float, default=1.0,
-                        help="ridge penalty of the few-shot probe; UMD's 1024 is for 100k ImageNet shots and drowns 100 digits")
+    parser.add_argument("--l2_reg", type=float, default=1024.0, help="ridge penalty of the few-shot probe (UMD: 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--out", default="runs/compare_umd")

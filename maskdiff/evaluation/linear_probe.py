@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,9 @@ from torch import nn
 
 from maskdiff.backbones.features import FeatureSpec
 from maskdiff.data import ShardsDataModule, default_cache_dir
+from maskdiff.evaluation.few_shot import few_shot_probe
 from maskdiff.evaluation.lars import LARS
+from maskdiff.files import save_torch
 from maskdiff.methods.checkpoints import require_file
 
 log = logging.getLogger("maskdiff.evaluation")
@@ -205,40 +206,6 @@ def run_linear_probe(
 
 
 # ---------------------------------------------------------------------------------------------- data
-def few_shot_probe(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_features: torch.Tensor,
-    val_labels: torch.Tensor,
-    shots: int,
-    l2_reg: float = 1024.0,
-    seed: int = 0,
-) -> float:
-    """UMD's few-shot probe (big_vision ``fewshot_lsr``): closed-form ridge regression onto ±1 one-hot targets.
-
-    ``shots`` training examples per class are drawn with ``seed``; features ``(M, D)`` are centred and scaled by the
-    few-shot set's mean and norm; the weights are ``(XᵀX + l2_reg·I)⁻¹ Xᵀ Y``. Returns top-1 accuracy on the
-    validation features. Raises ``ValueError`` when a class has fewer than ``shots`` examples.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    classes = torch.unique(train_labels)
-    chosen = []
-    for label in classes.tolist():
-        members = torch.nonzero(train_labels == label).flatten()
-        if len(members) < shots:
-            raise ValueError(f"class {label} has {len(members)} training examples, fewer than shots={shots}")
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
-    index = torch.cat(chosen)
-    x = train_features[index].double()
-    mean = x.mean(dim=0, keepdim=True)
-    scale = (x - mean).norm(dim=1).mean().clamp_min(1e-12)
-    x = (x - mean) / scale
-    targets = 2 * torch.nn.functional.one_hot(torch.searchsorted(classes, train_labels[index]), len(classes)).double() - 1
-    weights = torch.linalg.solve(x.T @ x + l2_reg * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
-    predictions = classes[(((val_features.double() - mean) / scale) @ weights).argmax(dim=1)]
-    return float((predictions == val_labels).double().mean())
-
-
 def load_datamodule(data: L.LightningDataModule | str) -> L.LightningDataModule:
     """A data module, or one built from a YAML file: its ``data:`` section (a ``maskdiff fit`` config) or the whole
     file when it is itself ``class_path`` + ``init_args``."""
@@ -299,11 +266,8 @@ def feature_cache_path(cache_dir: str | Path, ckpt: str | Path, spec: FeatureSpe
 
 
 def save_features(path: Path, key: dict[str, Any], splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"key": key, **{f"{split}_{part}": tensor for split, (features, labels) in splits.items()
-                               for part, tensor in (("features", features), ("labels", labels))}}, partial)
-    os.replace(partial, path)
+    save_torch({"key": key, **{f"{split}_{part}": tensor for split, (features, labels) in splits.items()
+                               for part, tensor in (("features", features), ("labels", labels))}}, path)
 
 
 def load_features(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
