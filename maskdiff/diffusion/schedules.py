@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 ScheduleName = Literal["linear", "cosine", "rho_linear"]
+Spacing = Literal["adm", "big_vision"]
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -62,6 +63,20 @@ def space_timesteps(num_steps: int, spacing: int | str) -> list[int]:
             position += stride
         start += size
     return sorted(kept)
+
+
+def big_vision_timesteps(num_steps: int, steps: int) -> list[int]:
+    """Timesteps of big_vision's ``ddim_sample_loop`` (UMD), ascending: ``T-1 - k·(T // steps)`` for ``k < steps``,
+    then 0 -- ``steps + 1`` model calls, the last one at t = 0 returning its x̂0.
+
+    Equals the official grid whenever ``steps · (T // steps) >= T - 1`` (every divisor of T, e.g. 125 of 1000);
+    otherwise the official loop stops at ``T-1 - steps·(T // steps)`` and its last call treats that as t = 0, where
+    this grid steps to 0.
+    """
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"big_vision spacing takes 1 to {num_steps} steps, got {steps}")
+    stride = num_steps // steps
+    return sorted({num_steps - 1 - k * stride for k in range(steps)} | {0})
 
 
 class NoiseSchedule(nn.Module):
@@ -164,9 +179,18 @@ class NoiseSchedule(nn.Module):
         return frac * max_log + (1 - frac) * min_log
 
     # ---------------------------------------------------------------- respacing
-    def respace(self, spacing: int | str) -> "NoiseSchedule":
-        """A schedule over the kept steps with ``β'_i = 1 - ᾱ_{k_i}/ᾱ_{k_{i-1}}`` and ``timestep_map`` to original t."""
-        kept = space_timesteps(self.num_steps, spacing)
+    def respace(self, spacing: int | str, rule: Spacing = "adm") -> "NoiseSchedule":
+        """A schedule over the kept steps with ``β'_i = 1 - ᾱ_{k_i}/ᾱ_{k_{i-1}}`` and ``timestep_map`` to original t.
+
+        ``rule``: ``adm`` keeps :func:`space_timesteps` (DiT/ADM); ``big_vision`` keeps :func:`big_vision_timesteps`
+        (UMD's DDIM; ``spacing`` is then a step count).
+        """
+        if rule == "adm":
+            kept = space_timesteps(self.num_steps, spacing)
+        elif rule == "big_vision":
+            kept = big_vision_timesteps(self.num_steps, int(spacing))
+        else:
+            raise ValueError(f"unknown timestep spacing {rule!r}; expected 'adm' or 'big_vision'")
         previous = torch.tensor(1.0, dtype=torch.float64)
         betas = []
         for k in kept:

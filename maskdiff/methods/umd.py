@@ -24,9 +24,10 @@ from maskdiff.samplers.ddim import DDIMSampler
 
 class UMD(MaskDiffModule):
     """``None`` parts take UMD's defaults: :class:`UnifiedMaskedNoise` (r = 0.5, 75% / 37.5% masks, cosine β),
-    :class:`DualPredictionLoss`, DDIM with 125 steps and η = 1, and guidance on all output channels when a scale is
-    given, AdamW as MAE's (betas 0.9/0.95, weight decay 0.05, lr 1.5e-4: scale it by batch / 256) and no EMA. Clip x̂0
-    to [-1, 1] in pixel space (``clip_x0: 1.0``), not for latents.
+    :class:`DualPredictionLoss`, DDIM with 125 steps, η = 1 and big_vision's timestep grid (``spacing:
+    big_vision``), and guidance on all output channels when a scale is given, AdamW as MAE's (betas 0.9/0.95, weight
+    decay 0.05, lr 1.5e-4: scale it by batch / 256) and no EMA. Clip x̂0 to [-1, 1] in pixel space (``clip_x0:
+    1.0``), not for latents.
 
     Args:
         init_from: a maskdiff checkpoint whose backbone weights start this run (the class-conditional fine-tune of a
@@ -54,7 +55,7 @@ class UMD(MaskDiffModule):
             backbone=backbone,
             corruption=corruption if corruption is not None else UnifiedMaskedNoise(),
             objective=objective if objective is not None else DualPredictionLoss(),
-            sampler=sampler if sampler is not None else DDIMSampler(125, eta=1.0),
+            sampler=sampler if sampler is not None else DDIMSampler(125, eta=1.0, spacing="big_vision"),
             optimizer=optimizer,
             ema_decay=ema_decay,
             **kwargs,

@@ -6,7 +6,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from maskdiff.diffusion.schedules import NoiseSchedule
+from maskdiff.diffusion.schedules import NoiseSchedule, Spacing
 from maskdiff.samplers.denoiser import Denoiser, DenoiserOutput
 
 StepCallback = Callable[[int, torch.Tensor, DenoiserOutput], None]
@@ -22,6 +22,8 @@ class Sampler:
     Args:
         steps: number of respaced steps (kept steps include 0 and T-1 for two or more; one step keeps only t = 0,
             so use :class:`maskdiff.samplers.FirstStepSampler` for a one-step x̂0 from pure noise).
+        spacing: which timesteps are kept: ``adm`` (ADM/DiT's ``space_timesteps``) or ``big_vision`` (UMD's DDIM
+            loop: ``T-1, T-1 - T//steps, ...``, then 0; ``steps + 1`` calls). See :meth:`NoiseSchedule.respace`.
 
     Attributes:
         name: the sampler's kind as the command line names it (``ddpm``, ``ddim``, ``first_step``).
@@ -29,10 +31,13 @@ class Sampler:
 
     name: ClassVar[str] = "custom"
 
-    def __init__(self, steps: int = 250) -> None:
+    def __init__(self, steps: int = 250, spacing: Spacing = "adm") -> None:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if spacing not in ("adm", "big_vision"):
+            raise ValueError(f"spacing must be 'adm' or 'big_vision', got {spacing!r}")
         self.steps = steps
+        self.spacing = spacing
 
     @staticmethod
     def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -58,7 +63,7 @@ class Sampler:
     ) -> torch.Tensor:
         if (known is None) != (mask is None):
             raise ValueError("inpainting needs both known tokens and a mask (True = generate)")
-        respaced = denoiser.schedule.respace(steps or self.steps)
+        respaced = denoiser.schedule.respace(steps or self.steps, self.spacing)
         x = self.randn(shape, generator, device=device)
         keep = None if mask is None else (~mask.bool()).unsqueeze(-1).to(x.device)
         for i in reversed(range(respaced.num_steps)):

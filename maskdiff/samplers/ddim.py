@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from maskdiff.diffusion.schedules import NoiseSchedule
+from maskdiff.diffusion.schedules import NoiseSchedule, Spacing
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.denoiser import Denoiser
 
@@ -12,15 +12,19 @@ from maskdiff.samplers.denoiser import Denoiser
 class DDIMSampler(Sampler):
     """``x_prev = sqrt(ᾱ_prev)·x̂0 + sqrt(1-ᾱ_prev-σ²)·ε̂ + σ·z``, ``σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ))·sqrt(1-ᾱ/ᾱ_prev)``.
 
+    With ``spacing="big_vision"`` it is UMD's official ``ddim_sample_loop``: ``steps`` moves ``T-1 → T-1 - T//steps
+    → … → 0`` and a last call at t = 0 whose x̂0 is the sample.
+
     Args:
         steps: respaced steps.
         eta: η.
+        spacing: ``adm`` (DiT/ADM respacing) or ``big_vision`` (UMD's grid); see :class:`Sampler`.
     """
 
     name = "ddim"
 
-    def __init__(self, steps: int = 50, eta: float = 0.0) -> None:
-        super().__init__(steps)
+    def __init__(self, steps: int = 50, eta: float = 0.0, spacing: Spacing = "adm") -> None:
+        super().__init__(steps, spacing)
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
         self.eta = eta

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from maskdiff.diffusion.schedules import Spacing
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddim import DDIMSampler
 from maskdiff.samplers.ddpm import DDPMSampler
@@ -30,6 +31,7 @@ class SamplingPreset:
         cfg_scale, cfg_channels, cfg_schedule, cfg_power: classifier-free guidance (channels ``None``: all).
         vae: the VAE the paper decoded with (a local ``AutoencoderKL`` directory of that name is expected).
         num_samples: how many samples the reported FID used.
+        spacing: the sampler's timestep spacing (``big_vision`` for UMD's DDIM loop, ``adm`` otherwise).
     """
 
     name: str
@@ -43,9 +45,10 @@ class SamplingPreset:
     cfg_power: float
     vae: str
     num_samples: int
+    spacing: Spacing = "adm"
 
     def make_sampler(self) -> Sampler:
-        return DDIMSampler(self.steps, self.eta) if self.sampler == "ddim" else DDPMSampler(self.steps)
+        return DDIMSampler(self.steps, self.eta, self.spacing) if self.sampler == "ddim" else DDPMSampler(self.steps)
 
     def make_guidance(self) -> ClassifierFreeGuidance:
         return ClassifierFreeGuidance(self.cfg_scale, self.cfg_channels, self.cfg_schedule, self.cfg_power)
@@ -64,9 +67,9 @@ PRESETS: dict[str, SamplingPreset] = {preset.name: preset for preset in (
                    "sd-vae-ft-ema", 50_000),
     SamplingPreset("umd-cfg2.0", "UMD generation eval (ae_i1k sample_cfg_1_5, which runs cfg 2.0 on all channels; "
                    "DDIM-125, η 1; 10K samples vs ImageNet validation statistics)", "ddim", 125, 1.0, 2.0, None,
-                   "constant", 4.0, "stable-diffusion-v1-5/vae", 10_000),
+                   "constant", 4.0, "stable-diffusion-v1-5/vae", 10_000, "big_vision"),
     SamplingPreset("umd-cfg4.0", "UMD generation eval (ae_i1k sample_cfg_4: cfg 4.0 on all channels; DDIM-125, η 1)",
-                   "ddim", 125, 1.0, 4.0, None, "constant", 4.0, "stable-diffusion-v1-5/vae", 10_000),
+                   "ddim", 125, 1.0, 4.0, None, "constant", 4.0, "stable-diffusion-v1-5/vae", 10_000, "big_vision"),
 )}
 
 

@@ -31,8 +31,8 @@ class Sampling(NamedTuple):
         sampler: the sampler to pass to ``generate``/``inpaint``.
         guidance: the classifier-free guidance to pass (``None``: the checkpoint stores none and none was asked).
         description: one line for the command's output, e.g. ``ddim-125 (η 1.0), cfg 1.5 (constant)``.
-        record: the settings for a JSON record: ``sampler``, ``steps``, ``eta`` (DDIM only), ``ddpm_variance``
-            (DDPM only), ``sampler_source`` and ``cfg`` (:func:`guidance_record`).
+        record: the settings for a JSON record: ``sampler``, ``steps``, ``spacing``, ``eta`` (DDIM only),
+            ``ddpm_variance`` (DDPM only), ``sampler_source`` and ``cfg`` (:func:`guidance_record`).
     """
 
     sampler: Sampler
@@ -43,9 +43,9 @@ class Sampling(NamedTuple):
 
 def build_sampler(configured: Sampler, name: SamplerName | None = None, steps: int | None = None,
                   eta: float | None = None) -> Sampler:
-    """``configured`` with the given overrides: ``name`` changes the kind (keeping ``configured``'s steps, and its η
-    or variance when the kind stays), ``steps`` the respaced steps, ``eta`` DDIM's η; no override returns
-    ``configured`` itself."""
+    """``configured`` with the given overrides: ``name`` changes the kind (keeping ``configured``'s steps, its
+    timestep spacing for DDIM, and its η or variance when the kind stays), ``steps`` the respaced steps, ``eta``
+    DDIM's η; no override returns ``configured`` itself."""
     if name is None and steps is None and eta is None:
         return configured
     kind = name or configured.name
@@ -57,7 +57,7 @@ def build_sampler(configured: Sampler, name: SamplerName | None = None, steps: i
     if kind == "ddim":
         if eta is None:
             eta = configured.eta if isinstance(configured, DDIMSampler) else 0.0
-        return DDIMSampler(steps, eta)
+        return DDIMSampler(steps, eta, configured.spacing)
     if eta is not None:
         raise ValueError(f"--eta is DDIM's η, but the sampler is {kind}; add --sampler ddim")
     if kind == "ddpm":
@@ -116,10 +116,12 @@ def guidance_record(guidance: ClassifierFreeGuidance | None, source: str) -> dic
 
 
 def sampler_record(sampler: Sampler, source: str) -> dict[str, Any]:
-    """The sampler used, for JSON: its kind, steps, η (DDIM), fixed variance (DDPM) and where it came from."""
+    """The sampler used, for JSON: its kind, steps, timestep spacing, η (DDIM), fixed variance (DDPM) and where it
+    came from."""
     return {
         "sampler": sampler.name,
         "steps": sampler.steps,
+        "spacing": sampler.spacing,
         "eta": sampler.eta if isinstance(sampler, DDIMSampler) else None,
         "ddpm_variance": sampler.fixed_variance if isinstance(sampler, DDPMSampler) else None,
         "sampler_source": source,
