@@ -275,7 +275,8 @@ def link_or_copy(source: str | Path, link: str | Path) -> Path:
             if source.is_dir():
                 shutil.copytree(source, temporary)
             else:
-                shutil.copyfile(source, temporary)
+                with open(source, "rb") as original, open(temporary, "wb") as copy:
+                    shutil.copyfileobj(original, copy)
     return link
 
 

@@ -41,14 +41,17 @@ class FullDisk:
         self.handle.close()
 
 
-def fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[Path]:
-    """Make every atomic write of :mod:`maskdiff.files` hit ``ENOSPC`` after ``limit`` bytes; returns the list of
-    temporary files it opened (to check they are gone)."""
+def fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int, target: str | None = None) -> list[Path]:
+    """Make every atomic write of :mod:`maskdiff.files` (of a file named ``target`` only, when given) hit
+    ``ENOSPC`` after ``limit`` bytes; returns the temporary files it failed (to check they are gone)."""
     opened: list[Path] = []
 
     def full_open(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        if target is not None and not Path(path).name.startswith(f".{target}."):
+            return handle
         opened.append(Path(path))
-        return FullDisk(builtins.open(path, mode, *args, **kwargs), limit)
+        return FullDisk(handle, limit)
 
     monkeypatch.setattr(files, "open", full_open, raising=False)
     return opened

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from maskdiff.checkpoint_io import check_sharded_metadata
+
 
 def consolidate_sharded_checkpoint(folder: str | Path, keep_optimizer_states: bool = False) -> dict[str, Any]:
     """The full checkpoint dict of a sharded FSDP checkpoint ``folder`` (model weights gathered on the CPU).
@@ -28,6 +30,7 @@ def consolidate_sharded_checkpoint(folder: str | Path, keep_optimizer_states: bo
             f"{folder} is not a sharded FSDP checkpoint: expected a directory with .metadata, {_METADATA_FILENAME} and "
             "*.distcp files (written by BackboneFSDPStrategy with state_dict_type: sharded)"
         )
+    check_sharded_metadata(folder)
     checkpoint = _format_checkpoint(_load_distributed_checkpoint(folder))
     if not keep_optimizer_states:
         checkpoint.pop("optimizer_states", None)

@@ -2,9 +2,10 @@
 
 A distributed job that starts with the wrong number of processes does not fail: it waits, often until the time
 limit, in "Initializing distributed". :func:`check_launch` compares what a parsed ``fit`` config asks for
-(``trainer.devices``, ``trainer.num_nodes``, accelerator, data shards, ``ckpt_path``, checkpoint directory) with what
-SLURM and CUDA actually gave the process, and returns every problem at once as :class:`Finding` s: errors stop the
-run before any model is built (exit code 2), warnings are printed and the run goes on.
+(``trainer.devices``, ``trainer.num_nodes``, accelerator, data shards, ``ckpt_path``, checkpoint directory, writable
+run, checkpoint and log directories) with what SLURM and CUDA actually gave the process, and returns every problem at
+once as :class:`Finding` s: errors stop the run before any model is built (exit code 2), warnings are printed and the
+run goes on.
 
 Lightning reads ranks from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NODEID`` and the world size from
 ``SLURM_NTASKS`` whenever ``SLURM_NTASKS`` is set and the job name is not ``bash``/``interactive``
@@ -23,6 +24,7 @@ from typing import Any, Literal, TextIO
 
 from maskdiff.data.shards import expand_urls, lookup_shard_counts, missing_local_shards
 from maskdiff.data.streams import eval_batch_plan
+from maskdiff.launch.directories import run_directories, unwritable_directories
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
@@ -62,6 +64,7 @@ class LaunchConfig:
     checkpoints: tuple[CheckpointSetup, ...] = ()
     versioned_logger: bool = True
     data: Mapping[str, Any] = field(default_factory=dict)
+    directories: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, config: Any) -> LaunchConfig:
@@ -88,6 +91,7 @@ class LaunchConfig:
             checkpoints=checkpoints,
             versioned_logger=_logger_is_versioned(trainer.get("logger")),
             data=_init_args(data) if isinstance(data, Mapping) else {},
+            directories=tuple(run_directories(config)),
         )
 
 
@@ -192,6 +196,7 @@ def check_launch(
     world_size = launch.num_nodes * devices if devices is not None else None
     findings += _check_shards(launch.data, world_size)
     findings += _check_resume(launch, env)
+    findings += [Finding("error", "writable", problem) for problem in unwritable_directories(launch.directories)]
     return findings
 
 

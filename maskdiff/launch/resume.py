@@ -5,15 +5,19 @@ the checkpoint written by SLURM auto-requeue (``SIGUSR1`` shortly before the tim
 ``<default_root_dir>/hpc_ckpt_<N>.ckpt``, which Lightning loads only when ``ckpt_path`` is ``None`` (and
 ``ckpt_path="hpc"`` raises when there is none yet). A job script that always passes ``--ckpt_path last`` must resume
 from whichever of the two is newer: the periodic ``last.ckpt`` after a crash or a node failure, the ``hpc``
-checkpoint after a time-limit requeue.
+checkpoint after a time-limit requeue. A newer checkpoint that does not load (truncated, overwritten, empty) is
+skipped for the next older one that does, so a requeued job does not fail the same way at every start.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from maskdiff.checkpoint_io import checkpoint_problem, is_sharded_checkpoint
 
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 
@@ -34,12 +38,41 @@ def resume_candidates(trainer: L.Trainer) -> list[Path] | None:
     if "://" in root:
         return None
     found += Path(root).glob(HPC_CHECKPOINT_GLOB)
-    return [path for path in found if path.is_file()]
+    return [path for path in found if path.is_file() or is_sharded_checkpoint(path)]
 
 
-def newest_resume_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The most recently written of :func:`resume_candidates` (``None``: none, or Lightning must decide)."""
+@dataclass
+class ResumeChoice:
+    """The checkpoint to resume from (``None``: none, or Lightning must decide) and the newer ones skipped, each
+    with why it does not load."""
+
+    path: Path | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        """One line per skipped checkpoint, naming it, why, and what is resumed instead."""
+        instead = f"resuming from {self.path}" if self.path is not None else "no older checkpoint"
+        return [f"skipped {path}: it does not load ({reason}); {instead}" for path, reason in self.skipped]
+
+
+def choose_resume_checkpoint(candidates: list[Path]) -> ResumeChoice:
+    """The newest of ``candidates`` that loads (:func:`~maskdiff.checkpoint_io.checkpoint_problem`); ``ValueError``
+    when there are some and none loads."""
+    choice = ResumeChoice()
+    for path in sorted(candidates, key=lambda path: path.stat().st_mtime, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            choice.path = path
+            return choice
+        choice.skipped.append((path, problem))
+    if choice.skipped:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in choice.skipped)
+        raise ValueError(f"--ckpt_path last: no checkpoint loads: {listed}")
+    return choice
+
+
+def newest_resume_checkpoint(trainer: L.Trainer) -> ResumeChoice:
+    """The newest of :func:`resume_candidates` that loads, and the newer ones skipped (``path`` ``None``: no
+    candidate, or Lightning must decide)."""
     candidates = resume_candidates(trainer)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda path: path.stat().st_mtime)
+    return choose_resume_checkpoint(candidates) if candidates else ResumeChoice()

@@ -10,17 +10,26 @@ config (``configs/trainer/fsdp.yaml``) fits every method:
   its live shard and the EMA update stays local (no gather);
 * the frozen autoencoder (e.g. the SD VAE) is a plain object outside the module tree, so FSDP never shards it;
 * gradient clipping by norm goes through the root FSDP module's ``clip_grad_norm_`` (Lightning's FSDP precision
-  plugin refuses it, because plain ``clip_grad_norm_`` on shards gives the wrong norm).
+  plugin refuses it, because plain ``clip_grad_norm_`` on shards gives the wrong norm);
+* checkpoints are written atomically (:mod:`maskdiff.checkpoint_io`): a full checkpoint through
+  :class:`~maskdiff.checkpoint_io.AtomicCheckpointIO`, a sharded one into a temporary directory that replaces the
+  previous one when every rank has written; loading reads only data (``weights_only=True``, and the sharded
+  ``.metadata`` through an unpickler that admits only its own classes).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+
+from maskdiff.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, is_sharded_checkpoint, save_sharded
 
 
 def _backbone_of(module: nn.Module) -> nn.Module:
@@ -96,6 +105,7 @@ class BackboneFSDPStrategy(FSDPStrategy):
                     f"BackboneFSDPStrategy sets {reserved} from the backbone's block_classes; use lightning's "
                     "FSDPStrategy to choose it by hand"
                 )
+        kwargs["checkpoint_io"] = kwargs.get("checkpoint_io") or AtomicCheckpointIO()
         super().__init__(
             sharding_strategy=sharding_strategy,
             state_dict_type=state_dict_type,
@@ -104,6 +114,35 @@ class BackboneFSDPStrategy(FSDPStrategy):
             **kwargs,
         )
         self.activation_checkpointing = activation_checkpointing
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None) -> None:
+        """Save atomically: a full checkpoint on rank 0 through the checkpoint IO, a sharded one from every rank
+        into a temporary directory that rank 0 completes with the metadata file and renames into place."""
+        if storage_options is not None:
+            raise TypeError("BackboneFSDPStrategy.save_checkpoint takes no storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        if path.is_dir() and self._state_dict_type == "full" and not is_sharded_checkpoint(path):
+            raise IsADirectoryError(f"the checkpoint path exists and is a directory: {path}")
+        if self._state_dict_type == "full":
+            if self.is_global_zero:
+                self.checkpoint_io.save_checkpoint(checkpoint, path)
+            return
+        shards = {"model": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{index}": state for index, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        save_sharded(path, write=lambda folder: _distributed_checkpoint_save(shards, folder),
+                     finish=lambda folder: torch.save(checkpoint, folder / _METADATA_FILENAME),
+                     barrier=self.barrier, broadcast=self.broadcast, is_writer=self.global_rank == 0)
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's FSDP loading with ``weights_only=True``, after checking that the file or the sharded
+        ``.metadata`` holds only data (Lightning reads them with unpicklers that would run pickled code)."""
+        if weights_only is False:
+            raise ValueError(f"maskdiff loads checkpoints with weights_only=True only (no pickled code runs): {checkpoint_path}")
+        path = Path(self.broadcast(str(checkpoint_path)))
+        problem = checkpoint_problem(path) if path.exists() else None
+        if problem is not None:
+            raise ValueError(f"{path} does not load as a checkpoint: {problem}")
+        return super().load_checkpoint(path, weights_only=True)
 
     @property
     def precision_plugin(self) -> ShardedNormClipping:

@@ -1,7 +1,9 @@
 """LightningCLI with maskdiff's conventions: ``maskdiff fit|validate|test|predict`` and the ``preflight`` parser.
 
-``fit`` runs the preflight (:mod:`maskdiff.launch.preflight`) itself inside a SLURM job, and resolves
-``--ckpt_path last`` to the newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` (:mod:`maskdiff.launch.resume`).
+``fit`` checks that its run, checkpoint and log directories are writable before building anything, runs the
+preflight (:mod:`maskdiff.launch.preflight`) itself inside a SLURM job, and resolves ``--ckpt_path last`` to the
+newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads (:mod:`maskdiff.launch.resume`). Every run saves
+checkpoints atomically and loads them with ``weights_only=True`` (:mod:`maskdiff.checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
+from maskdiff.checkpoint_io import use_atomic_checkpoints
+from maskdiff.launch.directories import require_writable_directories, run_directories
 from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
 from maskdiff.launch.resume import newest_resume_checkpoint
+
+
+@rank_zero_only
+def warn(message: str) -> None:
+    """Print ``warning: message`` to stderr, once (rank 0)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MaskDiffCLI(LightningCLI):
@@ -48,9 +59,16 @@ class MaskDiffCLI(LightningCLI):
     def _subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, saving checkpoints atomically (:func:`~maskdiff.checkpoint_io.use_atomic_checkpoints`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
-        """Inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building anything:
-        errors exit with code 2, warnings are printed."""
+        """``fit``: inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building
+        anything (errors exit with code 2, warnings are printed); then create the run, checkpoint and log directories,
+        an ``OSError`` naming the first that cannot be written."""
         if self.subcommand != "fit":
             return
         config = self._subcommand_config()
@@ -58,14 +76,18 @@ class MaskDiffCLI(LightningCLI):
             findings = run_preflight(config, launching=True)
             if any(finding.severity == "error" for finding in findings):
                 sys.exit(2)
+        require_writable_directories(run_directories(config))
 
     def before_fit(self) -> None:
-        """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
+        """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads,
+        saying which newer ones were skipped and why."""
         if self.config_init["fit"].get("ckpt_path") != "last":
             return
-        newest = newest_resume_checkpoint(self.trainer)
-        if newest is not None:
-            self.config_init["fit"]["ckpt_path"] = str(newest)
+        choice = newest_resume_checkpoint(self.trainer)
+        for line in choice.describe():
+            warn(line)
+        if choice.path is not None:
+            self.config_init["fit"]["ckpt_path"] = str(choice.path)
 
 
 class PreflightCLI(MaskDiffCLI):

@@ -1,0 +1,58 @@
+"""The directories a ``fit`` run writes into, checked before anything expensive starts.
+
+A checkpoint directory that cannot be written would otherwise be found at the first save, after the data was read
+and the first steps trained. ``fit`` stops on the first unwritable one (:func:`require_writable_directories`, before
+the model is built); the preflight lists each as an error finding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jsonargparse import Namespace
+
+from maskdiff.files import ensure_writable_directory, writable_directory_problem
+
+
+def _listed(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _class_name(component: Any) -> str:
+    return str(component.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(component, Mapping) else ""
+
+
+def _init_args(component: Any) -> Mapping[str, Any]:
+    return (component.get("init_args") or {}) if isinstance(component, Mapping) else {}
+
+
+def run_directories(config: Namespace | Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(what, path)`` of every local directory a parsed ``fit`` config writes into: the run directory
+    (``trainer.default_root_dir``, else the working directory), each ``ModelCheckpoint`` ``dirpath`` and each
+    logger's ``save_dir``."""
+    config = config.as_dict() if isinstance(config, Namespace) else dict(config)
+    trainer = config.get("trainer") or {}
+    found = [("run directory (trainer.default_root_dir)", str(trainer.get("default_root_dir") or os.getcwd()))]
+    for callback in _listed(trainer.get("callbacks")):
+        if _class_name(callback) == "ModelCheckpoint" and _init_args(callback).get("dirpath"):
+            found.append(("checkpoint directory (ModelCheckpoint dirpath)", str(_init_args(callback)["dirpath"])))
+    for logger in _listed(trainer.get("logger")):
+        if _init_args(logger).get("save_dir"):
+            found.append((f"{_class_name(logger)} save_dir", str(_init_args(logger)["save_dir"])))
+    return [(what, path) for what, path in found if "://" not in path]
+
+
+def unwritable_directories(directories: Sequence[tuple[str, str]]) -> list[str]:
+    """One message per directory of ``directories`` that cannot be created or written."""
+    problems = (writable_directory_problem(path, what) for what, path in directories)
+    return [problem for problem in problems if problem is not None]
+
+
+def require_writable_directories(directories: Sequence[tuple[str, str]]) -> None:
+    """Create each directory if missing; an ``OSError`` naming the first that cannot be written."""
+    for what, path in directories:
+        ensure_writable_directory(path, what)
