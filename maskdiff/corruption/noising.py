@@ -129,14 +129,16 @@ class MaskedNoise(GaussianNoise):
 class UnifiedMaskedNoise(GaussianNoise):
     """UMD's corruption: a deterministic batch split into a noised view and a noise-free, high-mask view.
 
-    With ``B`` rows and ``n_clean = int(B · no_noise_prob)``:
+    With ``B`` rows and ``n_clean`` noise-free rows (:meth:`clean_rows`: ``int(B · no_noise_prob)`` in one process;
+    under data parallelism the official ``int(global batch · no_noise_prob)`` spread over the ranks):
 
     * ``noised``: rows ``[0, B - n_clean)``, ``t ~ U{0..T-1}``, ``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε``, the backbone is
       conditioned on ``t + 1`` (so 0 means "no noise"), ``mask_ratio`` of the tokens hidden, weight ``1 - n_clean/B``;
     * ``clean``: rows ``[B - n_clean, B)``, the clean tokens, timestep 0, ``clean_mask_ratio`` hidden, no labels (the
       null class), weight ``n_clean/B``.
 
-    A ratio of 0 gives that view no masking; views with no rows are left out. UMD: ``no_noise_prob=0.5``,
+    The weights of the local batch make the ranks' mean loss (what data parallelism averages) the official loss of
+    the global batch. A ratio of 0 gives that view no masking; views with no rows are left out. UMD: ``no_noise_prob=0.5``,
     ``clean_mask_ratio=0.75``, ``mask_ratio=0.375``, cosine schedule in pixel space (linear for latents).
     Baselines by configuration: DiT-like ``no_noise_prob=0, mask_ratio=0``; MaskDiT-like ``no_noise_prob=0,
     mask_ratio=0.5``; MAE-like ``no_noise_prob=1``.
@@ -175,10 +177,27 @@ class UnifiedMaskedNoise(GaussianNoise):
         self.no_noise_prob = no_noise_prob
         self.clean_mask_ratio = clean_mask_ratio
         self.mask_ratio = mask_ratio
+        self.rank = 0
+        self.world_size = 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Split each global batch of ``world_size`` equal per-rank batches, of which this process holds ``rank``'s
+        (the method calls this at setup; one process: rank 0 of 1)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the {world_size} ranks")
+        self.rank, self.world_size = rank, world_size
+
+    def clean_rows(self, batch: int) -> int:
+        """Noise-free rows of this rank's ``batch``: ``int(batch · world_size · no_noise_prob)`` rows of the global
+        batch spread over the ranks, the first ``total % world_size`` ranks taking one more (UMD's fine-tune at 256 =
+        8 × 32 with r = 0.05: 12 rows, 2 on ranks 0-3 and 1 on ranks 4-7). A rank may get none: parameters only
+        that view uses then get no gradient there (under DDP use ``ddp_find_unused_parameters_true``)."""
+        share, extra = divmod(int(batch * self.world_size * self.no_noise_prob), self.world_size)
+        return share + (self.rank < extra)
 
     def split(self, batch: int) -> int:
         """Rows in the noised view (the first ones); the rest are noise-free."""
-        return batch - int(batch * self.no_noise_prob)
+        return batch - self.clean_rows(batch)
 
     def _masking(self, batch: int, grid: tuple[int, ...], ratio: float, device) -> Masking | None:
         return self.hide(batch, grid, ratio, device) if ratio > 0 else None

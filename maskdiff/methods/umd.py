@@ -64,6 +64,12 @@ class UMD(MaskDiffModule):
         self.init_weights = init_weights
         self._initialised = False
 
+    def setup(self, stage: str) -> None:
+        """Tell a :class:`UnifiedMaskedNoise` this process's rank, so its noise-free share is of the global batch."""
+        super().setup(stage)
+        if self._trainer is not None and isinstance(self.corruption, UnifiedMaskedNoise):
+            self.corruption.shard(self.trainer.global_rank, self.trainer.world_size)
+
     def configure_model(self) -> None:
         """Load ``init_from`` once per fit/validate run (not in ``load_from_checkpoint``, which has no trainer and
         restores the fine-tuned weights itself)."""
