@@ -1,18 +1,21 @@
 """UMD's claim in miniature: one pre-training that is good for both representation and generation.
 
-Pre-trains UMD and the paper's MAE-like and DiT-like baselines (the same backbone size, steps, data, seed and
-optimizer; baselines differ only in the corruption settings, and MAE-like also in its in-context conditioning, as in
-the paper) on the embedded digits without labels; probes each encoder; fine-tunes each class-conditionally with the
-same recipe (labels on, mask 0, r = 0.05, AdamW β2 0.999) and judges its samples.
+Pre-trains UMD and the paper's MAE-like, DiT-like and MaskDiT-like baselines (the same backbone size, steps, data,
+seed and optimizer; baselines differ only in the corruption settings, and MAE-like also in its in-context
+conditioning, as in the paper) on the embedded digits without labels; probes each encoder; fine-tunes each
+class-conditionally with the same recipe (labels on, mask 0, r = 0.05, AdamW β2 0.999) and judges its samples.
 
     python examples/compare_umd.py                                 # 1,500 pre-training + 1,000 fine-tuning steps each
     python examples/compare_umd.py --pretrain_steps 300 --finetune_steps 200 --out runs/compare_umd_small
 
-Columns: linear-probe top-1 on the frozen pre-trained encoder (mean of the register tokens at t = 0, no mask; BN +
-linear head with SGD, 90 epochs, all 1,497 training digits) and UMD's 10-shot probe (big_vision's ``fewshot_lsr``:
-standardised features, a bias feature, closed-form ridge with the paper's l2 1024; 10 shots instead of 100);
-digits Fréchet distance and class consistency after the fine-tune (EMA weights,
-DDIM-50 η = 1, cfg 2.0, 300 samples); pre-training and fine-tuning images/s (training steps only).
+Columns: linear-probe top-1 on the frozen pre-trained encoder (mean of the register tokens, no mask; BN + linear
+head with SGD, 90 epochs, all 1,497 training digits) and UMD's 10-shot probe (big_vision's ``fewshot_lsr``:
+standardised features, a bias feature, closed-form ridge with the paper's l2 1024; 10 shots instead of 100). Probes
+read clean images at t = 0, except for the baselines trained without a noise-free step (DiT-like, MaskDiT-like), which
+the paper probes as big_vision's ``noised_predict`` does: the input noised to t = ``--noised_probe_t`` (50) with the
+run's schedule and fixed seeded noise, the model at t = 51 (the "probe input" column); digits Fréchet distance and
+class consistency after the fine-tune (EMA weights, DDIM-50 η = 1, cfg 2.0, 300 samples); pre-training and
+fine-tuning images/s (training steps only).
 Outputs: <out>/comparison.md, <out>/comparison.json, and each run's logs and checkpoints.
 """
 
@@ -32,7 +35,7 @@ from maskdiff.methods.checkpoints import load_method
 from maskdiff.tools.lightning_cli import MaskDiffCLI
 from maskdiff.evaluation.digits_judge import load_digits_judge
 from maskdiff.backbones.features import FeatureSpec
-from maskdiff.evaluation.features import extract_dataset_features
+from maskdiff.evaluation.features import extract_dataset_features, resolve_method_spec
 from maskdiff.evaluation.few_shot import few_shot_probe
 from maskdiff.evaluation.linear_probe import load_datamodule, run_linear_probe, train_split_batches
 from maskdiff.samplers import DDIMSampler
@@ -45,6 +48,7 @@ VARIANTS = {
     "UMD": None,
     "MAE-like": ROOT / "configs" / "umd" / "mae_like_baseline.yaml",
     "DiT-like": ROOT / "configs" / "umd" / "dit_like_baseline.yaml",
+    "MaskDiT-like": ROOT / "configs" / "umd" / "maskdit_like_baseline.yaml",
 }
 
 
@@ -93,18 +97,29 @@ def fit(config: Path, evaluation: DigitsEvaluation | None = None) -> tuple[MaskD
     return cli, images / seconds
 
 
-def probe_encoder(ckpt: Path, data_config: Path, shots: int, l2_reg: float) -> dict:
-    """Linear probe (SGD head, all training digits) and ``shots``-shot ridge probe of the register-mean features."""
+def probe_spec(module, noised_probe_t: int | None) -> FeatureSpec:
+    """Register-mean features at t = 0 on clean inputs, or, for a run without a noise-free step (big_vision probes it
+    with ``noised_predict``), on inputs noised to ``noised_probe_t`` (model at ``noised_probe_t`` + 1)."""
+    if noised_probe_t is not None and module.corruption.no_noise_prob == 0:
+        return FeatureSpec(pooling="prefix_mean", noise_t=noised_probe_t, use_ema=False)
+    return FeatureSpec(pooling="prefix_mean", timestep=0, use_ema=False)
+
+
+def probe_encoder(ckpt: Path, data_config: Path, shots: int, l2_reg: float, noised_probe_t: int | None) -> dict:
+    """Linear probe (SGD head, all training digits) and ``shots``-shot ``fewshot_lsr`` probe of the register-mean
+    features (:func:`probe_spec`)."""
     module = load_method(ckpt).eval()
     datamodule = load_datamodule(str(data_config))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    spec = FeatureSpec(pooling="prefix_mean", timestep=0, use_ema=False)
+    spec = resolve_method_spec(module, probe_spec(module, noised_probe_t))
     train = extract_dataset_features(module, train_split_batches(datamodule), spec)
     val = extract_dataset_features(module, datamodule.val_dataloader(), spec)
     linear = run_linear_probe(*train, *val, epochs=90, batch_size=256, base_lr=0.1, optimizer="sgd", warmup_epochs=10,
                               seed=0, num_classes=10)
-    return {"probe_top1": round(linear["top1"], 4), f"{shots}shot_top1": round(few_shot_probe(*train, *val, shots=shots, l2_reg=l2_reg), 4)}
+    probe_input = "clean, t=0" if spec.noise_t is None else f"noised to t={spec.noise_t}, model t={spec.timestep}"
+    return {"probe_input": probe_input, "probe_top1": round(linear["top1"], 4),
+            f"{shots}shot_top1": round(few_shot_probe(*train, *val, shots=shots, l2_reg=l2_reg), 4)}
 
 
 def write_outputs(results: list[dict], out: Path, args) -> None:
@@ -114,12 +129,13 @@ def write_outputs(results: list[dict], out: Path, args) -> None:
         f"UMD vs its baselines on digits: {args.pretrain_steps} pre-training + {args.finetune_steps} fine-tuning steps each, "
         f"seed {args.seed}",
         "",
-        f"| model | linear probe top-1 ↑ | {args.shots}-shot probe top-1 ↑ | digits FD ↓ (after fine-tune) | class consistency ↑ "
-        "| pre-train images/s | fine-tune images/s |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | probe input | linear probe top-1 ↑ | {args.shots}-shot probe top-1 ↑ | digits FD ↓ (after fine-tune) "
+        "| class consistency ↑ | pre-train images/s | fine-tune images/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['name']} | {r['probe_top1']:.3f} | {r[shots]:.3f} | {r['digits_fd']:.2f} | {r['class_consistency']:.3f} "
+        f"| {r['name']} | {r['probe_input']} | {r['probe_top1']:.3f} | {r[shots]:.3f} | {r['digits_fd']:.2f} "
+        f"| {r['class_consistency']:.3f} "
         f"| {r['pretrain_images_per_s']:.0f} | {r['finetune_images_per_s']:.0f} |"
         for r in results
     ]
@@ -136,6 +152,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     parser.add_argument("--shots", type=int, default=10, help="examples per class of the few-shot ridge probe")
     parser.add_argument("--l2_reg", type=float, default=1024.0, help="ridge penalty of the few-shot probe (UMD: 1024)")
+    parser.add_argument("--noised_probe_t", type=int, default=50,
+                        help="probe runs without a noise-free step (DiT-like, MaskDiT-like) on inputs noised to this "
+                             "step, the model one step later (the paper's 50 -> 51); -1: probe every run on clean inputs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--out", default="runs/compare_umd")
@@ -151,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pre_config = run_config(PRETRAIN, overlay, out, f"{tag}_pretrain", args.pretrain_steps, False, None)
         _, pretrain_speed = fit(pre_config)
         pre_ckpt = out / f"{tag}_pretrain" / "checkpoints" / "last.ckpt"
-        row = {"name": name, **probe_encoder(pre_ckpt, pre_config, args.shots, args.l2_reg)}
+        noised_t = None if args.noised_probe_t < 0 else args.noised_probe_t
+        row = {"name": name, **probe_encoder(pre_ckpt, pre_config, args.shots, args.l2_reg, noised_t)}
         ft_config = run_config(FINETUNE, overlay, out, f"{tag}_finetune", args.finetune_steps, True, pre_ckpt)
         evaluation = DigitsEvaluation(per_class=args.per_class, sampler=DDIMSampler(50, eta=1.0), cfg_scale=args.cfg_scale,
                                       seed=args.seed)

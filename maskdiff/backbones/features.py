@@ -4,8 +4,13 @@ A :class:`FeatureSpec` names the protocol; :func:`backbone_features` applies it 
 
 Timesteps: a backbone whose features are conditioned on timesteps (``features_take_timesteps``: DiT, MDT, UMD) is
 always run at one fixed timestep for every image. ``timestep=None`` resolves to 0 for such backbones (the least noisy
-level; UMD's "t=0 = clean" convention) and is logged; other backbones (MAE, DiffMAE's encoder) refuse a timestep. The
-input is the clean image either way: the timestep only conditions the network, no noise is added.
+level; UMD's "t=0 = clean" convention) and is logged; other backbones (MAE, DiffMAE's encoder) refuse a timestep.
+
+Noise: by default the input is the clean image and the timestep only conditions the network. ``noise_t`` probes as
+UMD's paper probes its DiT-like and MaskDiT-like baselines (big_vision's ``noised_predict``): the input tokens are
+noised to ``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` at schedule step ``noise_t`` with the method's own schedule, ε drawn from a
+generator seeded with ``noise_seed`` (reproducible features), and the backbone is conditioned on the timestep it sees
+for that step in training (``noise_t`` + the corruption's ``model_time_offset``: UMD's t = 50 -> 51).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, get_args
 import torch
 
 from maskdiff.backbones.base import Backbone, Pooling
+from maskdiff.diffusion.schedules import NoiseSchedule
 
 log = logging.getLogger("maskdiff.features")
 
@@ -35,12 +41,17 @@ class FeatureSpec:
         timestep: the timestep a time-conditioned backbone is conditioned on (``None``: 0, logged); must be
             ``None`` for backbones without timestep conditioning.
         use_ema: take the EMA backbone of a method when it has one.
+        noise_t: noise the input to this schedule step before the backbone sees it (``None``: clean input); the
+            timestep then defaults to ``noise_t`` + the method's ``model_time_offset``.
+        noise_seed: seeds the noise of ``noise_t``.
     """
 
     pooling: Pooling = "cls"
     depth: int | None = None
     timestep: int | None = None
     use_ema: bool = True
+    noise_t: int | None = None
+    noise_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -49,14 +60,18 @@ class FeatureSpec:
             raise ValueError(f"depth {self.depth!r} is invalid; expected null (all blocks + final norm) or an int >= 0")
         if self.timestep is not None and (not isinstance(self.timestep, int) or self.timestep < 0):
             raise ValueError(f"timestep {self.timestep!r} is invalid; expected null or an int >= 0")
+        if self.noise_t is not None and (not isinstance(self.noise_t, int) or self.noise_t < 0):
+            raise ValueError(f"noise_t {self.noise_t!r} is invalid; expected null (clean input) or a schedule step >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         return {"pooling": self.pooling, "depth": self.depth, "timestep": self.timestep,
-                "weights": "ema" if self.use_ema else "raw"}
+                "weights": "ema" if self.use_ema else "raw", "noise_t": self.noise_t,
+                "noise_seed": self.noise_seed if self.noise_t is not None else None}
 
 
-def resolve_spec(backbone: Backbone, spec: FeatureSpec) -> FeatureSpec:
-    """``spec`` checked against ``backbone``, with ``timestep=None`` resolved to 0 for time-conditioned backbones."""
+def resolve_spec(backbone: Backbone, spec: FeatureSpec, time_offset: int = 0) -> FeatureSpec:
+    """``spec`` checked against ``backbone``, with ``timestep=None`` resolved for time-conditioned backbones: to
+    ``noise_t + time_offset`` (the method's ``model_time_offset``) for noised inputs, else to 0."""
     prefix = backbone.num_prefix_tokens
     name = type(backbone).__name__
     if spec.pooling in ("cls", "prefix_mean") and prefix < 1:
@@ -66,7 +81,11 @@ def resolve_spec(backbone: Backbone, spec: FeatureSpec) -> FeatureSpec:
             f"depth {spec.depth} is out of range; {name} has encoder blocks 0..{backbone.num_blocks} "
             "(or null for all blocks + final norm)"
         )
+    if spec.noise_t is not None and not backbone.features_take_timesteps:
+        raise ValueError(f"noise_t {spec.noise_t} was given, but {name} is not conditioned on timesteps; probe it on clean inputs")
     if backbone.features_take_timesteps:
+        if spec.timestep is None and spec.noise_t is not None:
+            return replace(spec, timestep=spec.noise_t + time_offset)
         if spec.timestep is None:
             log.warning("%s is time-conditioned and no timestep was given: probing at timestep 0", name)
             return replace(spec, timestep=0)
@@ -85,8 +104,35 @@ def pool_tokens(features: torch.Tensor, pooling: Pooling, num_prefix_tokens: int
     return features[:, num_prefix_tokens:].mean(dim=1)
 
 
-def backbone_features(backbone: Backbone, tokens: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
-    """Pooled features ``(B, D)`` of ``tokens (B, N, P)`` under a resolved ``spec`` (keeps the autograd graph)."""
+def noised_tokens(
+    tokens: torch.Tensor, noise_t: int, schedule: NoiseSchedule | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` of ``tokens (B, N, P)`` at schedule step ``noise_t``; ε ``(B, N, P)`` is drawn in
+    float32 on the CPU from ``generator`` (the same noise on every device)."""
+    if schedule is None:
+        raise ValueError(f"noise_t {noise_t} needs a noise schedule, and this method has none (it adds no noise)")
+    if not 0 <= noise_t < schedule.num_steps:
+        raise ValueError(f"noise_t {noise_t} is out of range; the schedule has steps 0..{schedule.num_steps - 1}")
+    noise = torch.randn(tokens.shape, generator=generator, dtype=torch.float32).to(tokens)
+    t = torch.full((tokens.shape[0],), noise_t, dtype=torch.long, device=tokens.device)
+    return schedule.q_sample(tokens, t, noise)
+
+
+def backbone_features(
+    backbone: Backbone,
+    tokens: torch.Tensor,
+    spec: FeatureSpec,
+    schedule: NoiseSchedule | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pooled features ``(B, D)`` of ``tokens (B, N, P)`` under a resolved ``spec`` (keeps the autograd graph).
+
+    With ``spec.noise_t`` the tokens are first noised with ``schedule`` (the method's) and ``generator`` (default: a
+    new one seeded with ``spec.noise_seed``; pass one generator for all batches of a data set).
+    """
+    if spec.noise_t is not None:
+        generator = generator if generator is not None else torch.Generator().manual_seed(spec.noise_seed)
+        tokens = noised_tokens(tokens, spec.noise_t, schedule, generator)
     t = None
     if spec.timestep is not None:
         t = torch.full((tokens.shape[0],), spec.timestep, dtype=torch.long, device=tokens.device)

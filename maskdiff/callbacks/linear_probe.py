@@ -34,7 +34,13 @@ class OnlineLinearProbe(L.Callback):
         pooling: ``cls``, ``mean`` or ``prefix_mean``; default: the backbone's ``default_pooling`` (UMD: the mean of its
             registers), else ``cls`` when it has a cls token, else ``mean``.
         depth: encoder blocks to run (0..num_blocks, no final norm); default all blocks + final norm.
-        timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
+        timestep: timestep of a time-conditioned backbone (default 0, or ``noise_t`` + the method's time offset);
+            must be unset for MAE.
+        noise_t: probe noised inputs, as UMD's paper probes its DiT-like and MaskDiT-like baselines (50): the clean
+            tokens are noised to this step of the method's schedule (``FeatureSpec.noise_t``; UMD's backbone then
+            sees t = 51); ``None``: clean inputs.
+        noise_seed: seeds that noise, per training step and rank (each validation batch gets the same noise every
+            epoch).
         lr: the head's SGD learning rate (constant).
         num_classes: classes of the head; default the data module's ``num_classes``.
         every_n_steps: train the head on every n-th training batch.
@@ -50,6 +56,8 @@ class OnlineLinearProbe(L.Callback):
         num_classes: int | None = None,
         every_n_steps: int = 1,
         seed: int = 0,
+        noise_t: int | None = None,
+        noise_seed: int = 0,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -60,6 +68,8 @@ class OnlineLinearProbe(L.Callback):
         self.num_classes = num_classes
         self.every_n_steps = every_n_steps
         self.seed = seed
+        self.noise_t = noise_t
+        self.noise_seed = noise_seed
         self.spec: FeatureSpec | None = None
         self.head: torch.nn.Sequential | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -69,7 +79,9 @@ class OnlineLinearProbe(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(pooling=self.pooling, depth=self.depth, timestep=self.timestep)
+        if self.noise_t is None:
+            return self._generate_state_key(pooling=self.pooling, depth=self.depth, timestep=self.timestep)
+        return self._generate_state_key(pooling=self.pooling, depth=self.depth, timestep=self.timestep, noise_t=self.noise_t)
 
     def protocol(self) -> dict[str, Any]:
         spec = self.spec.as_dict() if self.spec is not None else {}
@@ -86,7 +98,10 @@ class OnlineLinearProbe(L.Callback):
                 raise ValueError("OnlineLinearProbe: the data module has no num_classes; set num_classes on the callback")
         backbone = pl_module.backbone
         pooling = self.pooling or backbone.default_pooling
-        self.spec = resolve_spec(backbone, FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False))
+        spec = FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False, noise_t=self.noise_t,
+                           noise_seed=self.noise_seed)
+        corruption = getattr(pl_module, "corruption", None)
+        self.spec = resolve_spec(backbone, spec, corruption.model_time_offset if corruption is not None else 0)
         top5 = min(5, self.num_classes)
         self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
@@ -110,16 +125,27 @@ class OnlineLinearProbe(L.Callback):
         return self.head
 
     # ------------------------------------------------------------------------------------------ features
-    def features(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+    def noise_generator(self, trainer: L.Trainer, *key: int) -> torch.Generator | None:
+        """The generator of a ``noise_t`` probe's noise, seeded from ``noise_seed``, the rank and ``key``."""
+        if self.noise_t is None:
+            return None
+        return torch.Generator().manual_seed(hash((self.noise_seed, trainer.global_rank, *key)) % 2**63)
+
+    def features(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Detached float32 features ``(B, D)`` of ``images (B, C, H, W)`` or clips ``(B, C, T, H, W)`` (video
-        backbones: pooled over space and time) from the live backbone in eval mode."""
+        backbones: pooled over space and time) from the live backbone in eval mode; ``generator`` draws the noise of
+        a ``noise_t`` probe."""
         backbone = pl_module.backbone
+        corruption = getattr(pl_module, "corruption", None)
+        schedule = corruption.schedule if corruption is not None else None
         devices = [images.device] if images.device.type == "cuda" else []
         was_training = backbone.training
         with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             backbone.eval()
             try:
-                return backbone_features(backbone, pl_module.batch_tokens(images), self.spec).float()
+                return backbone_features(backbone, pl_module.batch_tokens(images), self.spec, schedule, generator).float()
             finally:
                 backbone.train(was_training)
 
@@ -150,7 +176,7 @@ class OnlineLinearProbe(L.Callback):
         images, labels = self._split(batch)
         if images.shape[0] < 2:
             return
-        features = self.features(trainer, pl_module, images)
+        features = self.features(trainer, pl_module, images, self.noise_generator(trainer, 0, trainer.global_step, batch_idx))
         head = self._ensure_head(features.shape[1], features.device)
         head.train()
         with torch.enable_grad():
@@ -169,7 +195,7 @@ class OnlineLinearProbe(L.Callback):
         images, labels = self._split(batch)
         if images.shape[0] == 0:
             return
-        features = self.features(trainer, pl_module, images)
+        features = self.features(trainer, pl_module, images, self.noise_generator(trainer, 1, dataloader_idx, batch_idx))
         self.head.eval()
         with torch.no_grad():
             logits = self.head(features)

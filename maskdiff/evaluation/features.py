@@ -9,6 +9,7 @@ import torch
 
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.diffusion.schedules import NoiseSchedule
 from maskdiff.methods.base import MaskDiffModule
 
 
@@ -21,6 +22,20 @@ def resolve_backbone(module_or_backbone: MaskDiffModule | Backbone, use_ema: boo
     raise TypeError(f"{type(module_or_backbone).__name__} is neither a maskdiff method nor a backbone")
 
 
+def method_schedule(module_or_backbone: MaskDiffModule | Backbone) -> tuple[NoiseSchedule | None, int]:
+    """``(schedule, model_time_offset)`` of a method's corruption (what ``FeatureSpec.noise_t`` noises with and how
+    its backbone counts timesteps); ``(None, 0)`` for a bare backbone or a noise-free method."""
+    if isinstance(module_or_backbone, MaskDiffModule):
+        return module_or_backbone.corruption.schedule, module_or_backbone.corruption.model_time_offset
+    return None, 0
+
+
+def resolve_method_spec(module_or_backbone: MaskDiffModule | Backbone, spec: FeatureSpec) -> FeatureSpec:
+    """:func:`~maskdiff.backbones.features.resolve_spec` against the backbone ``spec`` reads, with the method's time
+    offset (a noised UMD probe at ``noise_t`` 50 conditions on 51)."""
+    return resolve_spec(resolve_backbone(module_or_backbone, spec.use_ema), spec, method_schedule(module_or_backbone)[1])
+
+
 def images_to_tokens(module_or_backbone: MaskDiffModule | Backbone, images: torch.Tensor) -> torch.Tensor:
     """A data batch ``(B, C, H, W)`` (video: ``(B, C, T, H, W)``) -> tokens ``(B, N, P)``: the method's
     ``batch_tokens`` (images through the autoencoder, pre-encoded latents as they are), or a bare backbone's
@@ -31,21 +46,29 @@ def images_to_tokens(module_or_backbone: MaskDiffModule | Backbone, images: torc
 
 
 @torch.no_grad()
-def extract_features(module_or_backbone: MaskDiffModule | Backbone, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+def extract_features(
+    module_or_backbone: MaskDiffModule | Backbone,
+    images: torch.Tensor,
+    spec: FeatureSpec,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Frozen pooled features ``(B, D)`` (float32) of ``images (B, C, H, W)`` or clips ``(B, C, T, H, W)`` (``mean``
     pools a video backbone's tokens over space and time), with the backbone in eval mode.
 
     ``module_or_backbone`` is a maskdiff method (its ``to_tokens`` and ``inference_backbone(spec.use_ema)`` are used)
-    or a bare backbone (its patchifier is used). The backbone's train/eval mode is restored afterwards.
+    or a bare backbone (its patchifier is used). The backbone's train/eval mode is restored afterwards. With
+    ``spec.noise_t`` the tokens are noised with the method's schedule and ``generator`` (default: seeded with
+    ``spec.noise_seed``).
     """
     backbone = resolve_backbone(module_or_backbone, spec.use_ema)
-    spec = resolve_spec(backbone, spec)
+    spec = resolve_method_spec(module_or_backbone, spec)
+    schedule = method_schedule(module_or_backbone)[0]
     device = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     try:
         tokens = images_to_tokens(module_or_backbone, images.to(device))
-        return backbone_features(backbone, tokens, spec).float()
+        return backbone_features(backbone, tokens, spec, schedule, generator).float()
     finally:
         backbone.train(was_training)
 
@@ -55,9 +78,12 @@ def extract_dataset_features(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features ``(M, D)`` and labels ``(M,)`` (``None`` when the batches carry none) of every batch, on the CPU.
 
-    Batches are ``(images, labels)`` or bare images; empty batches are skipped.
+    Batches are ``(images, labels)`` or bare images; empty batches are skipped. The noise of ``spec.noise_t`` comes
+    from one generator seeded with ``spec.noise_seed`` for all batches, so the same data in the same order give the
+    same features.
     """
-    spec = resolve_spec(resolve_backbone(module_or_backbone, spec.use_ema), spec)
+    spec = resolve_method_spec(module_or_backbone, spec)
+    generator = torch.Generator().manual_seed(spec.noise_seed)
     features, labels, unlabeled = [], [], False
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
@@ -68,7 +94,7 @@ def extract_dataset_features(
             images, batch_labels = batch, None
         if images.shape[0] == 0:
             continue
-        features.append(extract_features(module_or_backbone, images, spec).cpu())
+        features.append(extract_features(module_or_backbone, images, spec, generator).cpu())
         if batch_labels is None:
             unlabeled = True
         else:

@@ -253,7 +253,7 @@ def test_pretrain_probe_then_class_conditional_finetune_through_the_cli(tmp_path
 
 
 @pytest.mark.slow
-def test_compare_umd_example_runs_every_variant(tmp_path, digits_cache):
+def test_compare_umd_example_probes_and_finetunes_clean_and_noised_variants(tmp_path, digits_cache):
     import json
     import os
     import subprocess
@@ -263,12 +263,14 @@ def test_compare_umd_example_runs_every_variant(tmp_path, digits_cache):
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "compare_umd.py"), "--pretrain_steps", "3", "--finetune_steps", "2",
-         "--per_class", "1", "--shots", "2", "--out", str(tmp_path / "out")],
+         "--per_class", "1", "--shots", "2", "--only", "UMD", "MAE-like", "MaskDiT-like", "--out", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert [run["name"] for run in report["runs"]] == ["UMD", "MAE-like", "DiT-like"]
+    assert [run["name"] for run in report["runs"]] == ["UMD", "MAE-like", "MaskDiT-like"]  # DiT-like: as MaskDiT-like
+    # runs without a noise-free step are probed as the paper does: input noised to t = 50, the model at t = 51
+    assert [run["probe_input"] for run in report["runs"]] == ["clean, t=0"] * 2 + ["noised to t=50, model t=51"]
     for run in report["runs"]:
         assert 0.0 <= run["probe_top1"] <= 1.0 and 0.0 <= run["2shot_top1"] <= 1.0
         assert run["digits_fd"] > 0 and run["pretrain_images_per_s"] > 0
