@@ -11,18 +11,35 @@ from torch.optim.lr_scheduler import LambdaLR
 class WarmupCosineLR(LambdaLR):
     """Linear warmup from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr_ratio`` at ``total_steps``.
 
+    Optimizer step ``k`` (from 0) trains at ``(k + warmup_offset) / warmup_steps`` of the peak while
+    ``k < warmup_steps``, then at ``min + (1 - min)·½(1 + cos(π·(k - warmup)/(total - warmup)))``.
     ``total_steps = 0`` keeps the rate constant after warmup (DiT's constant learning rate).
+
+    Args:
+        warmup_offset: 1 (default) starts at ``1 / warmup_steps``; 0 starts at 0, as
+            ``optax.warmup_cosine_decay_schedule`` (UMD's official trainer: its count is 0 at the first update) and
+            MAE's ``lr_sched`` do.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        warmup_offset: int = 1,
+    ) -> None:
+        if warmup_offset not in (0, 1):
+            raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset!r}")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.warmup_offset = warmup_offset
         super().__init__(optimizer, self.factor)
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+            return (step + self.warmup_offset) / self.warmup_steps
         if self.total_steps <= self.warmup_steps:
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))

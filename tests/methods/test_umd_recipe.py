@@ -6,11 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from maskdiff.backbones import UMD as UMDBackbone
 from maskdiff.corruption import UnifiedMaskedNoise
 from maskdiff.methods import UMD
 from maskdiff.objectives import DualPredictionLoss
+from maskdiff.optim import WarmupCosineLR
+from tests.helpers import CONFIGS
+
+TRAIN_IMAGES = 1_268_355  # imagenet2012 train[:99%]
 
 
 def rank_counts(global_batch: int, world_size: int, no_noise_prob: float) -> list[int]:
@@ -94,3 +99,67 @@ def test_method_setup_passes_rank_and_world_size_to_the_corruption():
     module.setup("fit")
     assert (module.corruption.rank, module.corruption.world_size) == (5, 8)
     assert module.corruption.clean_rows(32) == 1
+
+
+def optax_warmup_cosine(count: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """``optax.warmup_cosine_decay_schedule(0, peak, warmup_steps, decay_steps=total_steps)`` at ``count``: a linear
+    schedule for ``count < warmup_steps``, then ``cosine_decay_schedule(peak, total - warmup)`` at ``count - warmup``."""
+    if count < warmup_steps:
+        return peak * count / warmup_steps
+    decay = total_steps - warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * min(count - warmup_steps, decay) / decay))
+
+
+def official_steps(epochs: int, batch: int) -> tuple[int, int]:
+    """train_ae.py: ``total = u.steps("total")`` = round(epochs · N / B); warmup = int(0.05 · epochs) · N // B."""
+    return round(epochs * TRAIN_IMAGES / batch), int(0.05 * epochs) * TRAIN_IMAGES // batch
+
+
+def rates(scheduler_args: dict, peak: float, steps: int) -> list[float]:
+    """The learning rate each of the first ``steps`` optimizer steps trains at, stepped as Lightning steps it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = WarmupCosineLR(optimizer, **scheduler_args)
+    used = []
+    for _ in range(steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return used
+
+
+def test_warmup_offset_zero_is_optax_at_every_step():
+    args = {"warmup_steps": 4, "total_steps": 10, "min_lr_ratio": 0.0, "warmup_offset": 0}
+    expected = [optax_warmup_cosine(k, 0.5, 4, 10) for k in range(12)]
+    assert rates(args, 0.5, 12) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert expected[:5] == [0.0, 0.125, 0.25, 0.375, 0.5]
+    default = rates({**args, "warmup_offset": 1}, 0.5, 5)
+    assert default == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])  # maskdiff's default reaches the peak a step early
+    with pytest.raises(ValueError, match="warmup_offset must be 0 or 1, got 2"):
+        WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 4, 10, warmup_offset=2)
+
+
+@pytest.mark.parametrize(("config", "epochs", "batch", "base_lr"), [
+    ("umd_b4_imagenet64.yaml", 800, 1024, 1.5e-4),
+    ("umd_l2_imagenet256_latent.yaml", 800, 1024, 1.5e-4),
+    ("umd_finetune_b4_imagenet64.yaml", 50, 256, 1.5e-4),
+])
+def test_imagenet_configs_warm_up_as_the_official_trainer(config, epochs, batch, base_lr):
+    """Step counts, peak lr and the rate at a few steps of each ImageNet config against the official formula."""
+    loaded = yaml.safe_load((CONFIGS / "umd" / config).read_text())
+    trainer, model = loaded["trainer"], loaded["model"]["init_args"]
+    assert trainer["devices"] * loaded["data"]["init_args"]["batch_size"] == batch
+    total, warmup = official_steps(epochs, batch)
+    schedule = model["lr_scheduler"]["init_args"]
+    assert schedule == {"warmup_steps": warmup, "total_steps": total, "min_lr_ratio": 0.0, "warmup_offset": 0}
+    assert trainer["max_steps"] == total
+    peak = model["optimizer"]["init_args"]["lr"]
+    assert peak == pytest.approx(base_lr * batch / 256)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = WarmupCosineLR(optimizer, **schedule)
+    for step in (0, 1, 2, warmup // 2, warmup - 1, warmup, warmup + 1, (warmup + total) // 2, total - 1, total):
+        assert peak * scheduler.factor(step) == pytest.approx(optax_warmup_cosine(step, peak, warmup, total), abs=1e-15)
+
+
+def test_official_step_counts():
+    assert official_steps(800, 1024) == (990_902, 49_545)
+    assert official_steps(50, 256) == (247_726, 9_909)  # int(0.05 * 50) = 2 warm-up epochs, not 2.5
