@@ -7,9 +7,10 @@ import collections
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-COUNTING_ATTRIBUTES = ("samples_read", "skipped", "skip_reasons")
+from maskdiff.data import ShardsDataModule
 
 
 class DataHealth(L.Callback):
@@ -18,11 +19,16 @@ class DataHealth(L.Callback):
     The counts are a :class:`~maskdiff.data.ShardsDataModule`'s ``samples_read`` and ``skipped``:
     cumulative since the data module was built, over its training and evaluation streams and all
     DataLoader workers, summed over ranks (every rank takes part in one all-reduce of two integers).
-    Whenever the skip total grew since the last report, and at fit end, rank 0 prints the totals and
-    the ``top_k`` most frequent reasons, gathered from all ranks.
+    Whenever the skip total grew since the last report, and at the end of ``fit``, ``validate`` and ``test``,
+    rank 0 prints the totals and one line per reason (the ``top_k`` most frequent, gathered from all ranks)
+    with its count and a few example keys or shard names::
+
+        maskdiff: data read 1,203 samples, skipped 17 (1.39%)
+                16  shard unreadable or cut short (ReadError: unexpected end of data)   e.g. d-000003.tar
+                 1  UnidentifiedImageError: cannot identify image file                 e.g. n01440764_1001
 
     Epoch-end values go through ``LightningModule.log`` (float32: exact up to 16,777,216 samples);
-    fit-end values are written to the loggers as integers.
+    end-of-run values are written to the loggers as integers.
 
     Args:
         top_k: reasons printed (most frequent first).
@@ -35,17 +41,16 @@ class DataHealth(L.Callback):
         self._reported_skips = 0
 
     @staticmethod
-    def _datamodule(trainer):
-        datamodule = getattr(trainer, "datamodule", None)
-        return datamodule if all(hasattr(datamodule, name) for name in COUNTING_ATTRIBUTES) else None
+    def _datamodule(trainer) -> ShardsDataModule | None:
+        datamodule = trainer.datamodule
+        return datamodule if isinstance(datamodule, ShardsDataModule) else None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._reported_skips = 0
-        if stage == "fit" and self._datamodule(trainer) is None:
+        if self._datamodule(trainer) is None:
             rank_zero_warn(
-                "DataHealth: the datamodule does not count samples (it needs samples_read, skipped and "
-                f"skip_reasons, as maskdiff.data.ShardsDataModule has; got {type(trainer.datamodule).__name__}): "
-                "nothing will be logged"
+                "DataHealth: the datamodule does not count samples (a maskdiff.data.ShardsDataModule does; got "
+                f"{type(trainer.datamodule).__name__}): nothing will be logged"
             )
 
     def totals(self, trainer, pl_module) -> tuple[int, int]:
@@ -65,6 +70,17 @@ class DataHealth(L.Callback):
             self._report(trainer, read, skipped)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._summary(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._summary(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._summary(trainer, pl_module)
+
+    def _summary(self, trainer, pl_module) -> None:
+        """Write the totals to the loggers and print them with the reasons (a collective when distributed)."""
         if self._datamodule(trainer) is None:
             return
         read, skipped = self.totals(trainer, pl_module)
@@ -74,22 +90,40 @@ class DataHealth(L.Callback):
         self._report(trainer, read, skipped)
 
     def _report(self, trainer, read: int, skipped: int) -> None:
-        reasons = self._gather_reasons(trainer)
+        reasons, examples = self._gather_reasons(trainer)
         self._reported_skips = skipped
         if not trainer.is_global_zero:
             return
+        print("\n".join(self.summary_lines(read, skipped, reasons, examples)), flush=True)
+
+    def summary_lines(self, read: int, skipped: int, reasons: collections.Counter,
+                      examples: dict[str, list[str]]) -> list[str]:
+        """The printed summary: the totals, then one line per reason (``top_k``) with its count and examples."""
         share = skipped / max(read + skipped, 1)
         lines = [f"maskdiff: data read {read:,} samples, skipped {skipped:,} ({share:.2%})"]
-        lines += [f"  {count:>8,}  {reason}" for reason, count in reasons.most_common(self.top_k)]
+        top = reasons.most_common(self.top_k)
+        width = max((len(reason) for reason, _ in top), default=0)
+        for reason, count in top:
+            keys = examples.get(reason, [])
+            lines.append(f"  {count:>8,}  {reason:<{width}}" + (f"   e.g. {', '.join(keys)}" if keys else "").rstrip())
         if len(reasons) > self.top_k:
             lines.append(f"  ... and {len(reasons) - self.top_k} more reasons")
-        print("\n".join(lines), flush=True)
+        return lines
 
-    def _gather_reasons(self, trainer) -> collections.Counter:
-        """Skip reasons of all ranks, merged (a collective when distributed)."""
-        local = self._datamodule(trainer).skip_reasons
+    def _gather_reasons(self, trainer) -> tuple[collections.Counter, dict[str, list[str]]]:
+        """Skip reasons and their example keys of all ranks, merged (a collective when distributed)."""
+        datamodule = self._datamodule(trainer)
+        local = (dict(datamodule.skip_reasons), datamodule.skip_examples)
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return local
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, dict(local))
-        return sum((collections.Counter(reasons) for reasons in gathered), collections.Counter())
+            gathered = [local]
+        else:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+        reasons: collections.Counter = collections.Counter()
+        examples: dict[str, list[str]] = {}
+        for rank_reasons, rank_examples in gathered:
+            reasons.update(rank_reasons)
+            for reason, keys in rank_examples.items():
+                known = examples.setdefault(reason, [])
+                known += [key for key in keys if key not in known][: max(0, 3 - len(known))]
+        return reasons, examples

@@ -12,8 +12,10 @@ from .moving_digits import (
     render_moving_digits,
     write_moving_digits_shards,
 )
+from .faults import DataFault, SkipCounter
+from .loaders import Interrupted
+from .reading import check_shards_readable
 from .shards import (
-    SkipCounter,
     check_local_shards,
     expand_urls,
     lookup_shard_counts,
@@ -26,10 +28,12 @@ from .video import VideoDecoder, VideoShardsDataModule
 from .video_writer import probe_video, write_video_shards
 
 __all__ = [
+    "DataFault",
     "DigitsDataModule",
     "EvalStream",
     "ImageDecoder",
     "ImageShardsDataModule",
+    "Interrupted",
     "LatentDecoder",
     "LatentShardsDataModule",
     "MovingDigitsDataModule",
@@ -39,6 +43,7 @@ __all__ = [
     "VideoDecoder",
     "VideoShardsDataModule",
     "check_local_shards",
+    "check_shards_readable",
     "default_cache_dir",
     "encode_gray_mp4",
     "encode_latent_shards",

@@ -45,7 +45,9 @@ class ImageShardsDataModule(ShardsDataModule):
         val_samples: evaluation samples; ``None`` reads them from the manifest like above.
         hflip: random horizontal flips in training (never for digits or text).
         seed: base seed of the training stream.
-        max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        max_errors: stop the run once more than this many samples were skipped (``None``: no limit).
+        stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
+            a batch) before the run stops with an error naming the shards (``None``: no bound).
         crop: ``"center"`` (largest centred square, bilinear resize), ``"adm_center"`` (guided-diffusion's
             ``center_crop_arr``, for DiT/MDT) or ``"random_resized"`` (MAE's RandomResizedCrop in training,
             resize + centre crop in evaluation); see :class:`~maskdiff.data.streams.ImageDecoder`.
@@ -79,6 +81,7 @@ class ImageShardsDataModule(ShardsDataModule):
         hflip: bool = False,
         seed: int = 0,
         max_errors: int | None = None,
+        stall_timeout: float | None = 600.0,
         crop: Literal["center", "adm_center", "random_resized"] = "center",
         labelled: bool = True,
         scale: tuple[float, float] = (0.2, 1.0),
@@ -98,6 +101,7 @@ class ImageShardsDataModule(ShardsDataModule):
             val_samples=val_samples,
             seed=seed,
             max_errors=max_errors,
+            stall_timeout=stall_timeout,
         )
         self._image_size = image_size
         self._channels = channels
@@ -177,7 +181,9 @@ class DigitsDataModule(ImageShardsDataModule):
         train_samples_per_epoch: samples per training epoch over all ranks (default: 1,497).
         hflip: random horizontal flips in training; keep off for digits.
         seed: base seed of the training stream.
-        max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        max_errors: stop the run once more than this many samples were skipped (``None``: no limit).
+        stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
+            a batch) before the run stops with an error naming the shards (``None``: no bound).
     """
 
     def __init__(
@@ -192,6 +198,7 @@ class DigitsDataModule(ImageShardsDataModule):
         hflip: bool = False,
         seed: int = 0,
         max_errors: int | None = None,
+        stall_timeout: float | None = 600.0,
     ):
         super().__init__(
             train_shards="",
@@ -207,6 +214,7 @@ class DigitsDataModule(ImageShardsDataModule):
             hflip=hflip,
             seed=seed,
             max_errors=max_errors,
+            stall_timeout=stall_timeout,
         )
         self.cache_dir = cache_dir
 

@@ -281,7 +281,9 @@ class LatentShardsDataModule(ShardsDataModule):
         train_samples_per_epoch: samples per training epoch over all ranks; ``None`` reads the manifest.
         val_samples: evaluation samples; ``None`` reads them from the manifest.
         seed: base seed of the training stream.
-        max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        max_errors: stop the run once more than this many samples were skipped (``None``: no limit).
+        stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
+            a batch) before the run stops with an error naming the shards (``None``: no bound).
     """
 
     pre_encoded = True
@@ -302,6 +304,7 @@ class LatentShardsDataModule(ShardsDataModule):
         val_samples: int | None = None,
         seed: int = 0,
         max_errors: int | None = None,
+        stall_timeout: float | None = 600.0,
     ):
         super().__init__(
             train_shards=train_shards,
@@ -314,6 +317,7 @@ class LatentShardsDataModule(ShardsDataModule):
             val_samples=val_samples,
             seed=seed,
             max_errors=max_errors,
+            stall_timeout=stall_timeout,
         )
         self.latent_size = latent_size
         self.latent_channels = latent_channels

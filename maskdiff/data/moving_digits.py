@@ -340,7 +340,9 @@ class MovingDigitsDataModule(VideoShardsDataModule):
         shuffle_buffer: samples held in the training shuffle buffer (0 or 1: no shuffling).
         train_samples_per_epoch: samples per training epoch over all ranks (default: ``num_train``).
         seed: base seed of the training stream.
-        max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        max_errors: stop the run once more than this many samples were skipped (``None``: no limit).
+        stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
+            a batch) before the run stops with an error naming the shards (``None``: no bound).
     """
 
     def __init__(
@@ -367,6 +369,7 @@ class MovingDigitsDataModule(VideoShardsDataModule):
         train_samples_per_epoch: int | None = None,
         seed: int = 0,
         max_errors: int | None = None,
+        stall_timeout: float | None = 600.0,
     ):
         super().__init__(
             train_shards="",
@@ -388,6 +391,7 @@ class MovingDigitsDataModule(VideoShardsDataModule):
             train_samples_per_epoch=train_samples_per_epoch,
             seed=seed,
             max_errors=max_errors,
+            stall_timeout=stall_timeout,
         )
         self.cache_dir = cache_dir
         self.canvas = canvas

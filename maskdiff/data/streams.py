@@ -9,13 +9,12 @@ The streams are generic over a *sample decoder*: any object with
 
 :class:`ImageDecoder` is the image one: batches ``(images (B, C, S, S) float32 in [-1, 1], labels (B,))``.
 
-With a :class:`~maskdiff.data.shards.SkipCounter` as error handler, the streams also count the samples
-they decoded (``SkipCounter.read``).
+A :class:`~maskdiff.data.faults.SkipCounter` counts what the streams decode and skip (``read``, ``skipped``,
+reasons with example keys); shards are read by :class:`~maskdiff.data.reading.ShardRead`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
@@ -26,7 +25,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
-from .shards import SkipCounter
+from .faults import DataFault, SkipCounter, skip_reason
+from .reading import NoSampleBound, ShardRead, shard_name
 from .transforms import (
     CROPS,
     EncodedImage,
@@ -169,33 +169,6 @@ def _pass_through(batch):
     return batch
 
 
-def _nothing() -> None:
-    pass
-
-
-def _read_counter(handler) -> Callable[[], None]:
-    """``handler.count_read`` for a :class:`SkipCounter` handler, else a no-op."""
-    return handler.count_read if isinstance(handler, SkipCounter) else _nothing
-
-
-class _ErrorStreak:
-    """Wraps a handler; raises once more than ``limit`` errors happen with no success in between."""
-
-    def __init__(self, handler: Callable[[BaseException], bool], limit: int):
-        self.handler = handler
-        self.limit = limit
-        self.streak = 0
-
-    def __call__(self, exn: BaseException) -> bool:
-        self.streak += 1
-        if self.streak > self.limit:
-            raise RuntimeError(
-                f"{self.streak} consecutive samples or shards failed, the stream would never yield; "
-                f"last error: {type(exn).__name__}: {exn}"
-            ) from exn
-        return self.handler(exn)
-
-
 class ResampledTrainStream(IterableDataset):
     """Endless stream of decoded ``(image (C, S, S), label)`` samples for training.
 
@@ -205,17 +178,27 @@ class ResampledTrainStream(IterableDataset):
     worker id, epoch)``: ``epoch`` is set in the main process before each epoch, and persistent workers (which
     hold the copy made when they started) count on from the epoch they started in, so an epoch's stream is the
     same whether the workers started with it or long before (what makes resuming exact).
+
+    ``counter`` counts the samples decoded and skipped: a sample that fails to decode, and the samples a shard
+    cut short loses (exactly when ``shard_counts``, ``url -> samples`` from the manifest, lists the shard; else
+    one for the cut). The stream stops with a :class:`~maskdiff.data.faults.DataFault` naming the shards once
+    every shard was read without a sample since the last one, or ``stall_timeout`` seconds passed without one
+    (:class:`~maskdiff.data.reading.NoSampleBound`), or more than ``max_error_streak`` samples in a row failed
+    to decode. ``name`` says what the shards are in messages.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
         decoder: Callable,
-        handler: Callable[[BaseException], bool],
+        handler: SkipCounter,
         seed: int,
         rank: int = 0,
         shuffle_buffer: int = 1000,
         max_error_streak: int = 1000,
+        shard_counts: dict[str, int] | None = None,
+        stall_timeout: float | None = None,
+        name: str = "training shards",
     ):
         super().__init__()
         self.urls = list(urls)
@@ -225,9 +208,22 @@ class ResampledTrainStream(IterableDataset):
         self.rank = rank
         self.shuffle_buffer = shuffle_buffer
         self.max_error_streak = max_error_streak
+        self.shard_counts = dict(shard_counts or {})
+        self.stall_timeout = stall_timeout
+        self.name = name
         self.epoch = 0
         self._first_epoch: int | None = None
         self._iterations = 0
+
+    def _raw_samples(self, shard_rng: random.Random) -> Iterator[dict]:
+        bound = NoSampleBound(self.urls, self.name, self.stall_timeout)
+        while True:
+            shard = ShardRead(shard_rng.choice(self.urls), self.handler)
+            yield from shard
+            lost = shard.losses(self.shard_counts.get(shard.url))
+            if lost is not None:
+                self.handler.skip(lost[1], shard_name(shard.url), count=lost[0])
+            bound.passed(shard)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker = get_worker_info()
@@ -238,21 +234,24 @@ class ResampledTrainStream(IterableDataset):
         worker_id = worker.id if worker else 0
         rng = random.Random(wds.utils.make_seed(self.seed, self.rank, worker_id, epoch))
         shard_rng, shuffle_rng, augment_rng = (random.Random(rng.getrandbits(64)) for _ in range(3))
-        handler = _ErrorStreak(self.handler, self.max_error_streak)
-        shards = (dict(url=shard_rng.choice(self.urls)) for _ in itertools.count())
-        samples = wds.tarfile_to_samples(handler=handler)(shards)
+        samples = self._raw_samples(shard_rng)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(samples)
-        reads = _read_counter(self.handler)
+        streak = 0
         for sample in samples:
             try:
                 decoded = self.decoder(sample, augment_rng)
             except Exception as exn:
-                if handler(exn):
-                    continue
-                return
-            handler.streak = 0
-            reads()
+                streak += 1
+                if streak > self.max_error_streak:
+                    raise DataFault(
+                        f"{streak} samples in a row of {self.name} failed to decode, the stream would never yield; "
+                        f"the last: {skip_reason(exn, sample.get('__key__'))} ({sample.get('__key__')})"
+                    ) from exn
+                self.handler(exn, sample.get("__key__"))
+                continue
+            streak = 0
+            self.handler.count_read()
             yield decoded
 
 
@@ -296,9 +295,13 @@ class EvalStream(IterableDataset):
     and worker much like shard splitting, but it stays exact when shards are fewer than ranks or of
     unequal size. Without counts every worker scans the shards from the start up to its last sample.
 
-    A sample that fails to decode is skipped (``handler``), making its batch smaller; if shards end
-    before ``num_samples`` the remaining batches are short or empty (``b == 0``) so that all ranks
-    still yield the same number of batches. Only the first ``num_samples`` samples are used.
+    A sample that fails to decode is skipped and counted (``handler``, a
+    :class:`~maskdiff.data.faults.SkipCounter`), making its batch smaller; if shards end before ``num_samples``
+    the remaining batches are short or empty (``b == 0``) so that all ranks still yield the same number of
+    batches. Only the first ``num_samples`` samples are used. Every sample of this reader's batches that is not
+    decoded is counted as skipped with its reason, so that read + skipped is the number of samples planned:
+    those a shard cut short lost (:class:`~maskdiff.data.reading.ShardRead`; with the manifest's counts, in
+    place) and those past the end of the shards.
     """
 
     def __init__(
@@ -310,7 +313,7 @@ class EvalStream(IterableDataset):
         world_size: int,
         batch_size: int,
         decoder: Callable,
-        handler: Callable[[BaseException], bool],
+        handler: SkipCounter,
     ):
         super().__init__()
         self.urls = list(urls)
@@ -331,18 +334,19 @@ class EvalStream(IterableDataset):
 
     def _read(self, batches: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         current: list[tuple[torch.Tensor, int]] = []
-        reads = _read_counter(self.handler)
+        counter = self.handler
         cursor = 0
         offset = 0
-        for shard, url in enumerate(self.urls):
+        for index_of_shard, url in enumerate(self.urls):
             if cursor == len(batches):
                 break
-            count = self.shard_counts[shard] if self.shard_counts is not None else None
+            count = self.shard_counts[index_of_shard] if self.shard_counts is not None else None
             if count is not None and offset + count <= batches[cursor][0]:
                 offset += count
                 continue
             shard_start = offset
-            for sample in wds.tarfile_to_samples(handler=self.handler)([dict(url=url)]):
+            shard = ShardRead(url, counter)
+            for sample in shard:
                 index = offset
                 offset += 1
                 while cursor < len(batches) and batches[cursor][1] <= index:
@@ -356,90 +360,41 @@ class EvalStream(IterableDataset):
                 try:
                     current.append(self.decoder(sample, None))
                 except Exception as exn:
-                    if not self.handler(exn):
-                        return
+                    counter(exn, sample.get("__key__"))
                 else:
-                    reads()
+                    counter.count_read()
                 if index == stop - 1:
                     yield self.decoder.collate(current)
                     current, cursor = [], cursor + 1
                     if cursor == len(batches):
                         break
             else:
-                if count is not None and offset != shard_start + count:
+                if count is None and shard.fault is not None:
+                    if _planned_between(batches[cursor:], offset, offset + 1):
+                        lost, reason = shard.losses(None)
+                        counter.skip(reason, shard_name(url), count=lost)
+                    offset += 1
+                elif count is not None and offset > shard_start + count:
                     log.warning("%s holds %d samples, its manifest says %d", url, offset - shard_start, count)
+                elif count is not None and offset < shard_start + count:
+                    lost = _planned_between(batches[cursor:], offset, shard_start + count)
+                    if lost:
+                        reason = shard.fault or "shard holds fewer samples than its manifest lists"
+                        counter.skip(reason, shard_name(url), count=lost)
+                if count is not None:
                     offset = shard_start + count
-        if cursor < len(batches):
+        lost = _planned_between(batches[cursor:], offset, batches[-1][1])
+        if lost:
             log.warning(
                 "evaluation shards ended at sample %d, before this reader's last batch %s (val_samples=%d)",
                 offset, batches[-1], self.num_samples,
             )
+            counter.skip(f"the shards hold fewer samples than val_samples={self.num_samples}", count=lost)
         while cursor < len(batches):
             yield self.decoder.collate(current)
             current, cursor = [], cursor + 1
 
 
-class _EpochAwareLoader(wds.WebLoader):
-    """A WebLoader that tells its training stream the new epoch number when an epoch's first batch is asked for,
-    and that resumes an interrupted epoch exactly.
-
-    Counting happens lazily (not in ``__iter__``) because Lightning probes non-DataLoader loaders
-    with a bare ``iter()`` before fitting.
-
-    Lightning saves :meth:`state_dict` in every checkpoint: the epoch being read and how many of its batches
-    were trained on (``batches_done()``, the training loop's count, since the loop prefetches one batch ahead).
-    :meth:`load_state_dict` makes the next epoch the interrupted one again and fast-forwards past the batches
-    already trained on: they are read and decoded again (the stream is only reproducible by replaying it), not
-    trained on. Each epoch's stream is a function of the epoch number alone, so the replay is exact.
-    """
-
-    def __init__(
-        self,
-        dataset,
-        stream: ResampledTrainStream,
-        next_epoch: Callable[[], int],
-        resume_epoch: Callable[[int], None],
-        batches_done: Callable[[], int | None],
-        steps: int,
-        **kwargs,
-    ):
-        super().__init__(dataset, **kwargs)
-        self._stream = stream
-        self._next_epoch = next_epoch
-        self._resume_epoch = resume_epoch
-        self._batches_done = batches_done
-        self._steps = steps
-        self._epoch: int | None = None
-        self._yielded = 0
-        self._pending: tuple[int, int] | None = None
-
-    def iterator1(self):
-        if self._pending is not None:
-            epoch, skip = self._pending
-            self._pending = None
-            self._resume_epoch(epoch)
-        else:
-            epoch, skip = self._next_epoch(), 0
-        self._stream.epoch, self._epoch, self._yielded = epoch, epoch, 0
-        batches = super().iterator1()
-        for _ in range(skip):
-            next(batches)
-        for batch in batches:
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        done = self._batches_done()
-        return {"epoch": self._epoch, "batches_done": self._yielded if done is None else done, "steps": self._steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        epoch, done, steps = state.get("epoch"), int(state.get("batches_done", 0)), int(state.get("steps", self._steps))
-        if epoch is None or done <= 0 or done >= steps:
-            return
-        if steps != self._steps:
-            log.warning(
-                "the checkpoint was taken %d/%d batches into epoch %d with another epoch length (now %d batches): "
-                "starting a fresh epoch instead of replaying the interrupted one", done, steps, epoch, self._steps,
-            )
-            return
-        self._pending = (int(epoch), done)
+def _planned_between(batches: Sequence[tuple[int, int]], low: int, high: int) -> int:
+    """How many sample indices in ``[low, high)`` the batch ranges ``batches`` hold."""
+    return sum(max(0, min(stop, high) - max(start, low)) for start, stop in batches)

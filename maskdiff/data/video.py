@@ -278,7 +278,9 @@ class VideoShardsDataModule(ShardsDataModule):
         train_samples_per_epoch: samples per training epoch over all ranks; ``None`` reads the manifest.
         val_samples: evaluation samples; ``None`` reads them from the manifest.
         seed: base seed of the training stream.
-        max_errors: re-raise once more than this many samples were skipped (``None``: no limit).
+        max_errors: stop the run once more than this many samples were skipped (``None``: no limit).
+        stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
+            a batch) before the run stops with an error naming the shards (``None``: no bound).
     """
 
     def __init__(
@@ -303,6 +305,7 @@ class VideoShardsDataModule(ShardsDataModule):
         val_samples: int | None = None,
         seed: int = 0,
         max_errors: int | None = None,
+        stall_timeout: float | None = 600.0,
     ):
         super().__init__(
             train_shards=train_shards,
@@ -315,6 +318,7 @@ class VideoShardsDataModule(ShardsDataModule):
             val_samples=val_samples,
             seed=seed,
             max_errors=max_errors,
+            stall_timeout=stall_timeout,
         )
         self._num_frames = num_frames
         self.frame_stride = frame_stride

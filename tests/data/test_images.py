@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from torchvision import transforms
 
 from maskdiff.data import (
+    DataFault,
     DigitsDataModule,
     ImageDecoder,
     ImageShardsDataModule,
@@ -112,15 +113,16 @@ def test_skip_counter_counts_reasons_without_sleeping(caplog):
     counter = SkipCounter(max_errors=3, log_first=2)
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="maskdiff.data"):
-        assert counter(ValueError("bad png")) is True
-        assert counter(ValueError("bad png")) is True
-        assert counter(KeyError("cls")) is True
+        assert counter(ValueError("sample 'k7': bad png"), "k7") is True
+        assert counter(ValueError("sample 'k9': bad png"), "k9") is True
+        assert counter(KeyError("no cls"), "k12") is True
     assert time.perf_counter() - start < 0.1
     assert counter.skipped == 3
-    assert counter.reasons == {"ValueError: bad png": 2, "KeyError: 'cls'": 1}
-    assert len(caplog.records) == 2
-    with pytest.raises(OSError, match="truncated"):
-        counter(OSError("truncated"))
+    assert counter.reasons == {"ValueError: sample: bad png": 2, "KeyError: no cls": 1}
+    assert counter.examples == {"ValueError: sample: bad png": ["k7", "k9"], "KeyError: no cls": ["k12"]}
+    assert len(caplog.records) == 2 and "(k7)" in caplog.records[0].getMessage()
+    with pytest.raises(DataFault, match=r"^data: more than max_errors=3 samples .*the last: OSError: truncated \(k3\)$"):
+        counter(OSError("truncated"), "k3")
 
 
 def test_eval_batch_plan_is_balanced_and_exact():
@@ -379,7 +381,7 @@ def test_hflip_flips_some_training_images(tmp_path):
 def test_training_fails_loudly_when_nothing_decodes(tmp_path):
     pattern = write_synthetic(tmp_path, 1, 1, corrupt={0})
     module = synthetic_module(pattern, val_shards=None, batch_size=2, train_samples_per_epoch=2)
-    with pytest.raises(RuntimeError, match="consecutive"):
+    with pytest.raises(DataFault, match="1001 samples in a row of train_shards .* failed to decode"):
         next(iter(module.train_dataloader()))
     assert module.skipped == 1000
 
@@ -610,9 +612,9 @@ def test_unlabelled_shards_get_label_minus_one(tmp_path):
     assert labels.tolist() == [-1, -1, -1, -1] and unlabelled.skipped == 0
     assert torch.allclose(images[:, 0, 0, 0], torch.tensor([0, 10, 20, 30]) / 127.5 - 1)
     labelled = synthetic_module(pattern, val_samples=4, val_batch_size=4)
-    (images, labels), = list(labelled.val_dataloader())
-    assert len(labels) == 0 and labelled.skipped == 4 and labelled.samples_read == 0
-    assert any("no 'cls' label member" in reason for reason in labelled.skip_reasons)
+    with pytest.raises(DataFault, match=r"pass over val_shards .*u-000000.tar' read no sample .*no 'cls' label member"):
+        list(labelled.val_dataloader())
+    assert labelled.skipped == 4 and labelled.samples_read == 0
 
 
 def truncate_in_member(path, member_index):
@@ -631,27 +633,27 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(tmp_path):
     write_shards(samples, str(tmp_path / "c-%06d.tar"), 5, progress=False)
     pngs = [{"__key__": f"b{i}", "png": png_bytes(i), "cls": 10 + i} for i in range(4)]
     write_shards(pngs, str(tmp_path / "d-%06d.tar"), 4, progress=False)
-    truncate_in_member(tmp_path / "d-000000.tar", 4)
-    (tmp_path / "e-000000.tar").write_bytes(b"this is not a tar file" * 50)
-    pattern = f"{tmp_path}/c-000000.tar::{tmp_path}/d-000000.tar::{tmp_path}/e-000000.tar"
+    truncate_in_member(tmp_path / "d-000000.tar", 5)
+    pattern = f"{tmp_path}/c-000000.tar::{tmp_path}/d-000000.tar"
     module = synthetic_module(pattern, val_samples=9, val_batch_size=9, image_size=16, channels=3)
     module.setup("validate")
     (_, labels), = list(module.val_dataloader())
-    assert labels.tolist() == [0, 2, 3, 10, 11]
-    assert module.samples_read == 5 and module.skipped >= 4
+    assert labels.tolist() == [0, 2, 3, 10, 11]  # b2, cut in its png, is dropped
+    assert (module.samples_read, module.skipped) == (5, 4)
     reasons = module.skip_reasons
-    assert any(reason.startswith("OSError") for reason in reasons)  # the corrupt JPEG
-    assert any("has no png/jpg/jpeg/webp member" in reason for reason in reasons)
-    assert any("unexpected end of data" in reason and "d-000000.tar" in reason for reason in reasons)
-    assert any("invalid header" in reason and "e-000000.tar" in reason for reason in reasons)
+    assert sum(count for reason, count in reasons.items() if reason.startswith("OSError")) == 1  # the corrupt JPEG
+    assert reasons["KeyError: sample has no png/jpg/jpeg/webp member: ['cls']"] == 1
+    cut = "shard unreadable or cut short (ReadError: unexpected end of data)"
+    assert reasons[f"{cut}; the samples after the cut are uncounted (no manifest.json count)"] == 1
+    assert reasons["the shards hold fewer samples than val_samples=9"] == 1
+    assert module.skip_examples[f"{cut}; the samples after the cut are uncounted (no manifest.json count)"] == ["d-000000.tar"]
 
     trainer_side = synthetic_module(pattern, val_shards=None, batch_size=8, train_samples_per_epoch=8, image_size=16, channels=3)
     (_, labels), = list(trainer_side.train_dataloader())
     assert set(labels.tolist()) <= {0, 2, 3, 10, 11} and trainer_side.samples_read >= 8 and trainer_side.skipped > 0
     strict = synthetic_module(pattern, val_samples=9, val_batch_size=9, image_size=16, channels=3, max_errors=2)
-    with pytest.raises(tarfile.ReadError) as error:
+    with pytest.raises(DataFault, match=r"^val: more than max_errors=2 samples failed to read or decode \(3 skipped\)"):
         list(strict.val_dataloader())
-    assert "maskdiff: val: more than max_errors=2 samples failed" in error.value.__notes__
 
 
 def test_read_skip_counts_and_reasons_are_shared_across_workers(tmp_path):
