@@ -1,4 +1,5 @@
-"""Image decoding and the crops of DiT/MDT (ADM centre crop) and MAE (RandomResizedCrop) on uint8 tensors.
+"""Image decoding and the crops of DiT/MDT (ADM centre crop), MAE (RandomResizedCrop) and UMD (big_vision's inception
+crop) on uint8 tensors.
 
 Images are decoded to uint8 ``(C, H, W)`` tensors by ``torchvision.io`` (PIL when torchvision cannot decode
 them), cropped, resized and flipped with ``torchvision.transforms.v2.functional`` while still uint8, and
@@ -20,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 
-CROPS = ("center", "adm_center", "random_resized")
+CROPS = ("center", "adm_center", "random_resized", "inception")
 DRAFT_FACTORS = (8, 4, 2)
 
 
@@ -158,6 +160,78 @@ def random_resized_crop_box(
     else:
         box_width, box_height = width, height
     return Box((height - box_height) // 2, (width - box_width) // 2, box_height, box_width)
+
+
+def inception_crop_box(
+    height: int, width: int, area: Sequence[float], ratio: Sequence[float], rng: random.Random, attempts: int = 100
+) -> Box:
+    """big_vision's ``inception_crop``: TensorFlow's ``sample_distorted_bounding_box`` with no boxes and
+    ``min_object_covered=0``, with draws from ``rng``.
+
+    Up to ``attempts`` tries: an aspect ratio (w/h) uniform in ``ratio``, a height uniform over the integers whose
+    box (width ``round(h · aspect)``) covers ``area`` times the image, the top-left corner uniform over
+    ``[0, H - h) x [0, W - w)`` (0 when the box spans the side); the whole image when every try fails.
+    """
+    min_area, max_area = area[0] * height * width, area[1] * height * width
+    for _ in range(attempts):
+        aspect = ratio[0] + rng.random() * (ratio[1] - ratio[0])
+        box = _tf_random_crop(height, width, min_area, max_area, aspect, rng)
+        if box is not None:
+            return box
+    return Box(0, 0, height, width)
+
+
+def _tf_random_crop(
+    height: int, width: int, min_area: float, max_area: float, aspect: float, rng: random.Random
+) -> Box | None:
+    """One try of TensorFlow's ``GenerateRandomCrop`` (rounding half to even, as ``lrintf``); ``None`` when it fails."""
+    box_height = round(math.sqrt(min_area / aspect))
+    max_height = round(math.sqrt(max_area / aspect))
+    if round(max_height * aspect) > width:
+        max_height = int((width + 0.5 - 1e-7) / aspect)
+        if round(max_height * aspect) > width:
+            max_height -= 1
+    max_height = min(max_height, height)
+    box_height = min(box_height, max_height)
+    if box_height < max_height:
+        box_height += rng.randint(0, max_height - box_height)
+    box_width = round(box_height * aspect)
+    if box_width * box_height < min_area:
+        box_height += 1
+        box_width = round(box_height * aspect)
+    if box_width * box_height > max_area:
+        box_height -= 1
+        box_width = round(box_height * aspect)
+    box_area = box_width * box_height
+    if not (min_area <= box_area <= max_area and 0 < box_width <= width and 0 < box_height <= height):
+        return None
+    top = rng.randrange(height - box_height) if box_height < height else 0
+    left = rng.randrange(width - box_width) if box_width < width else 0
+    return Box(top, left, box_height, box_width)
+
+
+def tf_bilinear_resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` -> ``(C, height, width)`` as ``tf.image.resize(bilinear, antialias=False)`` and big_vision's
+    cast back to uint8: half-pixel centres, no antialiasing, clipped and truncated."""
+    resized = F.interpolate(pixels[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    return resized.clamp_(0, 255).to(torch.uint8)
+
+
+def inception_crop(pixels: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` -> ``(C, size, size)``: ``box`` resized bilinearly without antialiasing (big_vision's
+    ``decode_jpeg_and_inception_crop`` defaults)."""
+    crop = pixels[..., box.top : box.top + box.height, box.left : box.left + box.width]
+    return tf_bilinear_resize(crop, size, size)
+
+
+def resize_small_central_crop(pixels: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """big_vision's evaluation ``resize_small(resize)|central_crop(size)`` on uint8 ``(C, H, W)``: the shorter side
+    resized bilinearly (no antialiasing) to ``resize``, then the centre ``size`` square (offsets rounded down)."""
+    height, width = pixels.shape[-2:]
+    factor = resize / min(height, width)
+    resized = tf_bilinear_resize(pixels, round(height * factor), round(width * factor))
+    top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
+    return resized[..., top : top + size, left : left + size]
 
 
 def _box_downscale(values: torch.Tensor, dim: int, size: int) -> torch.Tensor:
