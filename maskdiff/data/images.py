@@ -49,14 +49,15 @@ class ImageShardsDataModule(ShardsDataModule):
         stall_timeout: seconds a data reader may go without a sample (with worker processes, the loader without
             a batch) before the run stops with an error naming the shards (``None``: no bound).
         crop: ``"center"`` (largest centred square, bilinear resize), ``"adm_center"`` (guided-diffusion's
-            ``center_crop_arr``, for DiT/MDT) or ``"random_resized"`` (MAE's RandomResizedCrop in training,
-            resize + centre crop in evaluation); see :class:`~maskdiff.data.streams.ImageDecoder`.
+            ``center_crop_arr``, for DiT/MDT), ``"random_resized"`` (MAE's RandomResizedCrop in training,
+            resize + centre crop in evaluation) or ``"inception"`` (UMD's big_vision inception crop); see
+            :class:`~maskdiff.data.streams.ImageDecoder`.
         labelled: ``False`` reads shards without ``cls`` members (label -1); ``True`` skips such samples
             as errors.
-        scale: area range of ``random_resized`` crops (MAE: 0.2 to 1).
-        ratio: aspect-ratio (w/h) range of ``random_resized`` crops.
-        eval_resize_ratio: ``random_resized`` evaluation resizes the shorter side to
-            ``int(image_size * eval_resize_ratio)`` before the centre crop (MAE: 256/224).
+        scale: area range of ``random_resized`` and ``inception`` crops (MAE: 0.2 to 1; UMD: 0.8 to 1).
+        ratio: aspect-ratio (w/h) range of ``random_resized`` and ``inception`` crops (UMD: 0.75 to 1.33).
+        eval_resize_ratio: ``random_resized`` and ``inception`` evaluation resizes the shorter side to
+            ``int(image_size * eval_resize_ratio)`` before the centre crop (MAE: 256/224; UMD: 1).
         jpeg_draft: decode JPEGs much larger than needed at 1/2, 1/4 or 1/8 size (faster; a few grey
             levels from decoding them whole); ``False`` always decodes at full size.
         uint8_train_batches: the training loader yields uint8 images in [0, 255] (a quarter of the bytes
@@ -82,7 +83,7 @@ class ImageShardsDataModule(ShardsDataModule):
         seed: int = 0,
         max_errors: int | None = None,
         stall_timeout: float | None = 600.0,
-        crop: Literal["center", "adm_center", "random_resized"] = "center",
+        crop: Literal["center", "adm_center", "random_resized", "inception"] = "center",
         labelled: bool = True,
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),

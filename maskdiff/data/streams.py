@@ -34,8 +34,11 @@ from .transforms import (
     adm_halvings,
     crop_resize,
     draft_factor,
+    inception_crop,
+    inception_crop_box,
     random_resized_crop_box,
     resize_center_crop,
+    resize_small_central_crop,
     square_center_box,
     to_signed_float,
 )
@@ -58,7 +61,11 @@ class ImageDecoder:
       side to S, centre crop), used by DiT and MDT, in training and evaluation;
     - ``"random_resized"``: in training, MAE's ``RandomResizedCrop(S, scale, ratio, bicubic)`` drawn from
       ``rng``; in evaluation, a bicubic resize of the shorter side to ``int(S * eval_resize_ratio)`` and a
-      centre crop (MAE's evaluation transform).
+      centre crop (MAE's evaluation transform);
+    - ``"inception"``: in training, big_vision's inception crop (UMD: ``area_min`` 80 as ``scale: [0.8, 1]``,
+      ``ratio: [0.75, 1.33]``): TF's ``sample_distorted_bounding_box`` box, bilinear resize without antialiasing;
+      in evaluation, big_vision's ``resize_small(int(S * eval_resize_ratio))|central_crop(S)`` (UMD: ratio 1). Images
+      are decoded whole (``jpeg_draft`` does not apply), as ``decode_and_crop_jpeg``.
 
     In training (``rng`` given), ``hflip`` mirrors half of the images. With ``jpeg_draft`` a JPEG much larger
     than its output is decoded at 1/2, 1/4 or 1/8 of its size (within a few grey levels of decoding it whole).
@@ -104,7 +111,7 @@ class ImageDecoder:
 
     @property
     def eval_resize(self) -> int:
-        """Shorter side before the evaluation centre crop of ``crop="random_resized"``."""
+        """Shorter side before the evaluation centre crop of ``crop="random_resized"`` or ``"inception"``."""
         return int(self.image_size * self.eval_resize_ratio + 1e-6)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[torch.Tensor, int]:
@@ -139,6 +146,11 @@ class ImageDecoder:
             pixels = image.decode(reduce=2 ** min(halvings, 3))
             done = round(math.log2(height / pixels.shape[-2]))
             return adm_center_crop(pixels, size, halvings=halvings - done)
+        if self.crop == "inception":
+            if rng is None:
+                return resize_small_central_crop(image.decode(), self.eval_resize, size)
+            box = inception_crop_box(height, width, self.scale, self.ratio, rng)
+            return inception_crop(image.decode(), box, size)
         if self.crop == "random_resized" and rng is None:
             pixels = image.decode(reduce=draft_factor(min(height, width), self.eval_resize))
             return resize_center_crop(pixels, self.eval_resize, size)

@@ -1,14 +1,24 @@
 """big_vision's inception crop (UMD's ``decode_jpeg_and_inception_crop(size, area_min)``): TensorFlow's
 ``sample_distorted_bounding_box`` boxes, a bilinear resize without antialiasing, and the evaluation resize + crop."""
 
+import io
 import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from maskdiff.data.transforms import Box, inception_crop, inception_crop_box, resize_small_central_crop, tf_bilinear_resize
+from maskdiff.data.streams import ImageDecoder
+from maskdiff.data.transforms import (
+    Box,
+    decode_pixels,
+    inception_crop,
+    inception_crop_box,
+    resize_small_central_crop,
+    tf_bilinear_resize,
+)
 
 RATIO = (0.75, 1.33)  # big_vision's ratio_min / ratio_max
 
@@ -87,3 +97,16 @@ def test_crop_and_evaluation_transform_shapes_and_offsets():
     assert torch.equal(evaluated, pixels[:, 4:36, 9:41])  # no resize needed; (40 - 32) // 2, (50 - 32) // 2
     assert resize_small_central_crop(pixels, 20, 20).shape == (3, 20, 20)
     assert math.isclose(resize_small_central_crop(torch.full((1, 30, 60), 9, dtype=torch.uint8), 16, 16).float().mean(), 9)
+
+
+def test_image_decoder_applies_the_inception_crop_in_training_and_resize_small_in_evaluation():
+    array = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    whole = decode_pixels(data, 3)
+    decoder = ImageDecoder(32, 3, 10, crop="inception", scale=(0.8, 1.0), ratio=RATIO, eval_resize_ratio=1.0)
+    trained = decoder.pixels(data, random.Random(5))
+    expected = inception_crop(whole, inception_crop_box(90, 120, (0.8, 1.0), RATIO, random.Random(5)), 32)
+    assert trained.shape == (3, 32, 32) and torch.equal(trained, expected)
+    assert torch.equal(decoder.pixels(data), resize_small_central_crop(whole, 32, 32))
