@@ -37,7 +37,9 @@ class FeatureSpec:
         pooling: ``cls``: the first prefix token (needs ``num_prefix_tokens >= 1``); ``mean``: the mean of the
             patch tokens, prefix tokens excluded; ``prefix_mean``: the mean of the prefix tokens (UMD's registers).
         depth: run the first ``depth`` encoder blocks (0..``num_blocks``; no final norm); ``None``: all blocks and
-            the encoder's final norm if it has one (MAE's linear-probe features).
+            the encoder's final norm if it has one (MAE's linear-probe features), except ``mean`` pooling on a
+            backbone with a ``global_pool_norm`` (MAE): the mean of the patch tokens after the last block, before the
+            final norm, through ``global_pool_norm`` (``fc_norm``), as MAE's official ``global_pool`` path.
         timestep: the timestep a time-conditioned backbone is conditioned on (``None``: 0, logged); must be
             ``None`` for backbones without timestep conditioning.
         use_ema: take the EMA backbone of a method when it has one.
@@ -136,5 +138,7 @@ def backbone_features(
     t = None
     if spec.timestep is not None:
         t = torch.full((tokens.shape[0],), spec.timestep, dtype=torch.long, device=tokens.device)
-    features = backbone.forward_features(tokens, t=t, depth=spec.depth)
-    return pool_tokens(features, spec.pooling, backbone.num_prefix_tokens)
+    pool_norm = getattr(backbone, "global_pool_norm", None) if spec.pooling == "mean" and spec.depth is None else None
+    depth = backbone.num_blocks if pool_norm is not None else spec.depth
+    pooled = pool_tokens(backbone.forward_features(tokens, t=t, depth=depth), spec.pooling, backbone.num_prefix_tokens)
+    return pooled if pool_norm is None else pool_norm(pooled)

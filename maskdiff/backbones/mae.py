@@ -9,6 +9,11 @@ official checkpoints convert losslessly (:func:`maskdiff.convert.mae.convert_mae
 * ``pos_embed`` and ``decoder_pos_embed`` (frozen parameters in the official state dict) are computed buffers;
 * masking is given (:class:`~maskdiff.corruption.masking.Masking`) instead of drawn inside ``forward``, and no loss
   is computed here (:class:`~maskdiff.objectives.MaskedReconstruction` does it).
+
+Average-pool features are the official ``models_vit`` ``global_pool`` path: ``fc_norm`` over the mean of the patch
+tokens after the last block, *before* the final ``norm`` (:attr:`MAE.global_pool_norm`). ``fc_norm`` is a LayerNorm
+(eps 1e-6) without parameters, as the freshly initialised one of MAE's ``--global_pool`` linear probe, unless the
+backbone is built with ``fc_norm=True`` (a converted fine-tuned checkpoint carries its trained weights).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class MAE(Backbone):
         mlp_ratio: MLP width over block width (encoder and decoder).
         drop_path_rate: stochastic depth of the last encoder block, rising linearly from 0 (fine-tuning; 0 in
             pre-training).
+        fc_norm: give the average-pool LayerNorm ``fc_norm`` a weight and bias (an official checkpoint fine-tuned with
+            ``--global_pool`` has them); ``False``: scale 1, shift 0, no parameters.
     """
 
     num_prefix_tokens = 1
@@ -80,6 +87,7 @@ class MAE(Backbone):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
+        fc_norm: bool = False,
     ) -> None:
         super().__init__()
         for width, heads, part in ((hidden_size, num_heads, "hidden_size"), (decoder_hidden_size, decoder_num_heads, "decoder_hidden_size")):
@@ -96,6 +104,7 @@ class MAE(Backbone):
         self.register_buffer("pos_embed", torch.empty(1, 1 + tokens, hidden_size), persistent=False)
         self.blocks = vit_blocks(hidden_size, depth, num_heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=fc_norm)
 
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
@@ -116,7 +125,7 @@ class MAE(Backbone):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         bound = 1 / math.sqrt(self.patch_embed.in_features)
@@ -130,6 +139,11 @@ class MAE(Backbone):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def global_pool_norm(self) -> nn.LayerNorm:
+        """``fc_norm``: the mean of the pre-norm patch tokens ``(B, D)`` goes through it (official ``global_pool``)."""
+        return self.fc_norm
 
     def no_weight_decay(self) -> set[str]:
         """None: the official pre-training weight-decays every tensor of 2+ dims, cls and mask tokens included."""

@@ -9,6 +9,11 @@ The two models compute the same function; only the layout of three tensors chang
 Two kinds of release exist: ``mae_pretrain_vit_*.pth`` hold the **encoder only** (the decoder is left freshly
 initialised), ``mae_visualize_vit_*.pth`` hold encoder and decoder (everything loads strictly). Official models read
 ImageNet-normalised pixels; :func:`fold_pixel_normalization` rewrites them for maskdiff's [-1, 1] pixels.
+
+A ``models_vit`` checkpoint of a ``--global_pool`` probe (``main_linprobe.py``) carries ``fc_norm`` weights and no
+final ``norm``: ``fc_norm`` is kept (the backbone is built with ``fc_norm=True``, so its ``mean`` probe feature is the
+official ``global_pool`` one), the missing ``norm`` becomes scale 1 / shift 0 and the classifier ``head.*`` is dropped,
+each logged. Checkpoints whose positions were trained (``main_finetune.py``) are refused: maskdiff's are fixed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFICIAL_DECODER = {"decoder_hidden_size": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 
-_SHAPE_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight", "norm.weight")
+_SHAPE_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight")
+HEAD_PREFIX = "head."
 _DECODER_SHAPE_KEYS = ("decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.norm1.weight")
 
 
@@ -92,6 +98,8 @@ def infer_mae_config(
     matching registry size's, else the official default (512 wide, 8 blocks, 16 heads).
     """
     missing = [key for key in _SHAPE_KEYS if key not in state_dict]
+    if "norm.weight" not in state_dict and "fc_norm.weight" not in state_dict:
+        missing.append("norm.weight (or fc_norm.weight)")
     if missing:
         raise _not_an_mae(f"missing key(s) {', '.join(missing)}")
     conv_weight = state_dict["patch_embed.proj.weight"]
@@ -114,6 +122,8 @@ def infer_mae_config(
         "num_heads": _require_heads(num_heads, depth, hidden_size, decoder=False),
         "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size,
     }
+    if "fc_norm.weight" in state_dict:
+        config["fc_norm"] = True
     if any(is_decoder_key(key) for key in state_dict):
         missing = [key for key in _DECODER_SHAPE_KEYS if key not in state_dict]
         if missing:
@@ -169,9 +179,16 @@ def convert_mae_state_dict(
     if has_decoder:
         _check_positions("decoder_pos_embed", source["decoder_pos_embed"], config["decoder_hidden_size"], grid)
 
+    dropped = sorted(key for key in source if key.startswith(HEAD_PREFIX))
+    if dropped:
+        log.warning("MAE checkpoint: classifier head dropped (%s)", ", ".join(dropped))
     converted = {}
+    if "norm.weight" not in source:
+        log.warning("MAE checkpoint without a final norm (a global_pool model): norm set to scale 1, shift 0; its mean "
+                    "features read fc_norm, its cls features are not the official model's")
+        converted |= {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
     for key, value in source.items():
-        if key in ("pos_embed", "decoder_pos_embed"):
+        if key in ("pos_embed", "decoder_pos_embed") or key in dropped:
             continue
         if key == "patch_embed.proj.weight":
             converted["patch_embed.weight"] = conv_patch_embed_to_linear(value)

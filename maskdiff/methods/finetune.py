@@ -52,7 +52,8 @@ class FineTune(TrainingOptions):
         ckpt: maskdiff checkpoint to take the backbone (and its autoencoder) from; read in ``configure_model``.
         num_classes: classes of the head; default the data module's ``num_classes`` (saved with the run).
         pooling: ``mean``: all blocks without the final norm, mean of the patch tokens (video: of all space-time
-            tokens), then a new ``fc_norm`` LayerNorm (MAE's ``--global_pool``, MAE-ST's video head); ``cls``: all
+            tokens), then a new ``fc_norm`` LayerNorm (MAE's ``--global_pool``, MAE-ST's video head; it starts from
+            the backbone's own ``fc_norm`` weights when a converted fine-tuned MAE carries them); ``cls``: all
             blocks + final norm, first token (needs a cls token).
         timestep: timestep of a time-conditioned backbone (default 0); must be unset for MAE.
         weights: ``ema`` or ``raw`` weights of the checkpoint (``ema`` falls back to raw when there is none).
@@ -149,6 +150,9 @@ class FineTune(TrainingOptions):
         if self.compile_backbone and self._trainer is not None:
             compile_in_place(self.backbone, features=True, **self.compile_kwargs)
         self.fc_norm = nn.LayerNorm(feature_dim, eps=1e-6) if self.pooling == "mean" else nn.Identity()
+        pool_norm = getattr(backbone, "global_pool_norm", None)
+        if self.pooling == "mean" and pool_norm is not None and pool_norm.elementwise_affine:
+            self.fc_norm.load_state_dict(pool_norm.state_dict())
         self.head_drop = nn.Dropout(self.head_dropout)
         self.head = nn.Linear(feature_dim, self.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
