@@ -13,6 +13,7 @@ from maskdiff.corruption import UnifiedMaskedNoise
 from maskdiff.methods import UMD
 from maskdiff.objectives import DualPredictionLoss
 from maskdiff.optim import WarmupCosineLR
+from maskdiff.samplers.presets import PRESETS
 from tests.helpers import CONFIGS
 
 TRAIN_IMAGES = 1_268_355  # imagenet2012 train[:99%]
@@ -163,3 +164,21 @@ def test_imagenet_configs_warm_up_as_the_official_trainer(config, epochs, batch,
 def test_official_step_counts():
     assert official_steps(800, 1024) == (990_902, 49_545)
     assert official_steps(50, 256) == (247_726, 9_909)  # int(0.05 * 50) = 2 warm-up epochs, not 2.5
+
+
+@pytest.mark.parametrize(("config", "area_min"), [
+    ("umd_b4_imagenet64.yaml", 0.8), ("umd_l2_imagenet256_latent.yaml", 0.8), ("umd_finetune_b4_imagenet64.yaml", 0.95),
+])
+def test_imagenet_configs_crop_sample_and_encode_as_the_official(config, area_min):
+    """ae_i1k.py: decode_jpeg_and_inception_crop(size, area_min) (ratio 0.75 to 1.33), evaluation resize_small +
+    central_crop; DDIM on big_vision's grid; latents from runwayml/stable-diffusion-v1-5's VAE x 0.18215."""
+    loaded = yaml.safe_load((CONFIGS / "umd" / config).read_text())
+    data, model = loaded["data"]["init_args"], loaded["model"]["init_args"]
+    assert (data["crop"], data["scale"], data["ratio"], data["eval_resize_ratio"]) == ("inception", [area_min, 1.0],
+                                                                                       [0.75, 1.33], 1.0)
+    assert data["hflip"] is True
+    assert model["sampler"]["init_args"] == {"steps": 125, "eta": 1.0, "spacing": "big_vision"}
+    if "autoencoder" in model:
+        vae = model["autoencoder"]["init_args"]
+        assert vae["path"].endswith(PRESETS["umd-cfg2.0"].vae) and vae["scale_factor"] == 0.18215
+        assert model["corruption"]["init_args"]["schedule"] == "linear" and model["clip_x0"] is None
