@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         noised_t = None if args.noised_probe_t < 0 else args.noised_probe_t
         row = {"name": name, **probe_encoder(pre_ckpt, pre_config, args.shots, args.l2_reg, noised_t)}
         ft_config = run_config(FINETUNE, overlay, out, f"{tag}_finetune", args.finetune_steps, True, pre_ckpt)
-        evaluation = DigitsEvaluation(per_class=args.per_class, sampler=DDIMSampler(50, eta=1.0), cfg_scale=args.cfg_scale,
+        sampler = DDIMSampler(50, eta=1.0, spacing="big_vision")
+        evaluation = DigitsEvaluation(per_class=args.per_class, sampler=sampler, cfg_scale=args.cfg_scale,
                                       seed=args.seed)
         _, finetune_speed = fit(ft_config, evaluation)
         _, fd, consistency = evaluation.history[-1]
