@@ -15,6 +15,12 @@ The defaults are MAE's ImageNet protocol. LARS turns each step of the weight mat
 suits MAE's ~7,000 steps at lr 6.4; on small sets it barely moves the head: on the digits (6 steps per epoch at batch
 256) a 600-step quickstart DiT probes at 0.31 top-1 with LARS at base_lr 0.1, 0.97 with base_lr 10 and 0.95 with SGD at 0.1.
 Use ``--optimizer sgd`` (MAE: "SGD works similarly") or a larger ``--base_lr`` there.
+
+UMD's protocol (big_vision ``configs/ae_i1k_lp.py`` + ``trainers/linear_ae.py``) is the preset
+``configs/umd/linear_probe.yaml`` (``maskdiff probe --config``): register-mean features, ``BatchNorm(eps 1e-5)`` +
+linear, ``optax.lars`` (``lars_optax``) with weight decay 5e-5, lr 0.1 × 4096 / 256, 100 epochs, 5 of them warm-up,
+cosine to 0. Not reproduced: its inception-crop + flip training views (features here are cached once, as above), flax's
+lecun-normal init of the linear layer (trunc-normal std 0.01 here) and flax's biased running variance in the BatchNorm.
 """
 
 from __future__ import annotations
@@ -51,11 +57,14 @@ LOADER_KNOBS = {"batch_size", "val_batch_size", "num_workers", "epochs_seen", "p
 
 
 # ---------------------------------------------------------------------------------------------- head & training
-def linear_head(feature_dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Sequential:
-    """MAE's probe head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (trunc-normal std 0.01, zero
-    bias), built on the CPU without drawing from the global random stream (``generator`` seeds the weights)."""
+def linear_head(
+    feature_dim: int, num_classes: int, generator: torch.Generator | None = None, bn_eps: float = 1e-6
+) -> nn.Sequential:
+    """MAE's probe head: ``BatchNorm1d(D, affine=False, eps=bn_eps)`` (MAE 1e-6, UMD 1e-5) then ``Linear(D, C)``
+    (trunc-normal std 0.01, zero bias), built on the CPU without drawing from the global random stream (``generator``
+    seeds the weights)."""
     with torch.random.fork_rng(devices=[]):
-        head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes))
+        head = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=bn_eps), nn.Linear(feature_dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
     nn.init.zeros_(head[1].bias)
     return head
@@ -115,12 +124,13 @@ def run_linear_probe(
     epochs: int = 90,
     batch_size: int = 16384,
     base_lr: float = 0.1,
-    optimizer: Literal["lars", "sgd"] = "lars",
+    optimizer: Literal["lars", "lars_optax", "sgd"] = "lars",
     warmup_epochs: int = 10,
     weight_decay: float = 0.0,
     seed: int = 0,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    bn_eps: float = 1e-6,
 ) -> dict[str, Any]:
     """Train MAE's linear head on cached features and score it; deterministic for a given ``seed`` and device.
 
@@ -130,19 +140,22 @@ def run_linear_probe(
         epochs: passes over the training features (MAE: 90; 50 for ViT-L/H).
         batch_size: batch size (MAE: 16384 over 32 GPUs), capped at M; the last partial batch of an epoch is dropped.
         base_lr: lr = ``base_lr × batch / 256``.
-        optimizer: ``lars`` (MAE: momentum 0.9, trust 0.001) or ``sgd`` (momentum 0.9).
+        optimizer: ``lars`` (MAE's: momentum 0.9, trust 0.001, biases neither decayed nor trust-scaled),
+            ``lars_optax`` (``optax.lars``, UMD's: every parameter decayed and trust-scaled, lr inside the momentum;
+            see :class:`LARS`) or ``sgd`` (momentum 0.9).
         warmup_epochs: linear warmup length in epochs (per iteration), then half-cycle cosine to 0.
         weight_decay: weight decay (MAE: 0).
         seed: seeds the head's init and the batch order.
         num_classes: classes of the head (default: the largest label + 1).
         device: where the head trains.
+        bn_eps: the head's BatchNorm epsilon (MAE: 1e-6; UMD: 1e-5).
 
     Returns ``top1``, ``top5`` (held-out, fractions in [0, 1]), ``train_loss`` (mean of the last epoch), and the
-    protocol: ``epochs, warmup_epochs, batch, base_lr, lr, optimizer, weight_decay, seed, num_train, num_val,
+    protocol: ``epochs, warmup_epochs, batch, base_lr, lr, optimizer, weight_decay, bn_eps, seed, num_train, num_val,
     num_classes, feature_dim, steps``.
     """
-    if optimizer not in ("lars", "sgd"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of lars, sgd")
+    if optimizer not in ("lars", "lars_optax", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of lars, lars_optax, sgd")
     if epochs < 1 or not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got epochs={epochs}, warmup_epochs={warmup_epochs}")
     if batch_size < 1:
@@ -159,9 +172,9 @@ def run_linear_probe(
     steps_per_epoch = num_train // batch
 
     generator = torch.Generator().manual_seed(seed)
-    head = linear_head(feature_dim, num_classes, generator).to(device)
-    if optimizer == "lars":
-        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head = linear_head(feature_dim, num_classes, generator, bn_eps).to(device)
+    if optimizer in ("lars", "lars_optax"):
+        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay, flavour="optax" if optimizer == "lars_optax" else "mae")
     else:
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     features, labels = train_features.float().to(device), train_labels.to(device)
@@ -196,6 +209,7 @@ def run_linear_probe(
         "lr": lr,
         "optimizer": optimizer,
         "weight_decay": weight_decay,
+        "bn_eps": bn_eps,
         "seed": seed,
         "num_train": num_train,
         "num_val": len(val_features),
