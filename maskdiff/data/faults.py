@@ -25,8 +25,9 @@ def _worker_message(message: str) -> str:
     return _QUALIFIED_NAME.sub("", last, count=1)
 
 
-class DataFault(RuntimeError):
-    """A fault of the data that stops the run, said in one line naming the shards.
+class DataFault(ValueError):
+    """A fault of the data that stops the run, said in one line naming the shards (a ``ValueError``: the
+    ``maskdiff`` command prints it as a user's error, ``maskdiff: error: <message>``).
 
     PyTorch re-raises an exception of a DataLoader worker in the main process as ``type(report)``, where the report
     holds the worker's traceback; this class keeps the one line of the original message.

@@ -9,11 +9,16 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from maskdiff.callbacks import DataHealth
 from maskdiff.data import (
@@ -25,6 +30,8 @@ from maskdiff.data import (
     write_manifest,
     write_shards,
 )
+from maskdiff.tools.main import main
+from tests.helpers import ROOT, config_in
 
 CUT = "shard unreadable or cut short (ReadError: unexpected end of data)"
 NO_MARKER = "shard cut short (no tar end-of-archive marker)"
@@ -286,3 +293,99 @@ def test_data_health_prints_one_line_per_reason_with_examples_after_validate_and
     with within(120):
         runner.test(Classifier(), datamodule=module)
     assert f"maskdiff: data read {2 * read} samples, skipped {2 * skipped}" in capsys.readouterr().out
+
+
+# the maskdiff command
+
+
+def fit_command(tmp_path, train_shards, **data):
+    """``maskdiff fit`` arguments: the CPU debug DiT under ``tmp_path`` on ``train_shards`` (8x8 gray, 10 classes)."""
+    config, _ = config_in(tmp_path)
+    init_args = dict(train_shards=train_shards, image_size=8, channels=1, num_classes=10, batch_size=4, num_workers=0,
+                     train_samples_per_epoch=8) | data
+    data_config = tmp_path / "data.yaml"
+    data_config.write_text(yaml.safe_dump({"data": {"class_path": "maskdiff.data.ImageShardsDataModule", "init_args": init_args}}))
+    return ["fit", "--config", str(config), "--config", str(data_config), "--trainer.limit_val_batches", "0"]
+
+
+def command_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_fit_on_local_shards_without_samples_stops_before_training(tmp_path):
+    shards = [tmp_path / f"empty-{index:06d}.tar" for index in range(2)]
+    for shard in shards:
+        empty_tar(shard)
+    with within(120), pytest.raises(ValueError) as error:
+        main(fit_command(tmp_path, str(tmp_path / "empty-{000000..000001}.tar")))
+    assert str(error.value) == (f"train_shards: 2 of 2 shards cannot be read: {shards[0]} is a tar file with no members, "
+                                f"{shards[1]} is a tar file with no members")
+
+
+@pytest.mark.slow
+def test_fit_on_piped_shards_without_samples_stops_in_one_line(tmp_path):
+    """``pipe:`` shards are not checked before training: the run stops once every shard was read without a sample."""
+    for index in range(2):
+        empty_tar(tmp_path / f"empty-{index:06d}.tar")
+    pattern = f"pipe:cat {tmp_path}/empty-{{000000..000001}}.tar"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "maskdiff.tools.main", *fit_command(tmp_path, pattern)], cwd=tmp_path,
+                            env=command_env(), capture_output=True, text=True, timeout=300, check=False)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    message = (rf"no sample from train_shards '{re.escape(pattern)}' in \d+ shard reads over [\d.]+ s, none of its 2 "
+               r"shards gives one: empty-00000[01].tar \(no samples\), empty-00000[01].tar \(no samples\)")
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    print(f"fit on empty piped shards stopped after {elapsed:.1f} s (process start included)")
+
+
+def children(pid):
+    """Process ids whose parent is ``pid``."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in listing.read_text().split()]
+    return found
+
+
+def command_line(pid):
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+    return []
+
+
+def alive(pid):
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_run_stalled_on_its_data_at_once(tmp_path, signum):
+    """A ``pipe:`` shard whose command never writes stalls the loader in a read; SIGTERM (SLURM's notice) and SIGINT end
+    the run within seconds, with a line saying what it waited for, and kill the command."""
+    stalled_source = "pipe:exec sleep 117"
+    process = subprocess.Popen([sys.executable, "-m", "maskdiff.tools.main", *fit_command(tmp_path, stalled_source)],
+                               cwd=tmp_path, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        reader = None
+        while reader is None and time.monotonic() < deadline and process.poll() is None:
+            reader = next((pid for pid in children(process.pid) if command_line(pid) == [b"sleep", b"117"]), None)
+            time.sleep(0.2)
+        assert reader is not None, "the loader never started its pipe"
+        time.sleep(1)
+        sent = time.monotonic()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    name = signal.Signals(signum).name
+    assert elapsed < 10, elapsed
+    assert f"maskdiff: {name} while waiting for train_shards '{stalled_source}': stopping" in stderr, stderr[-3000:]
+    assert process.returncode != 0
+    assert not alive(reader)
