@@ -9,15 +9,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchvision.utils import save_image
 
+from maskdiff.files import atomic_open, image_format
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
 
 def save_grid(images: torch.Tensor, path: str | Path, per_row: int) -> Path:
-    """Save ``images (B, C, H, W)`` in [-1, 1] as a PNG grid with ``per_row`` images per row."""
+    """Save ``images (B, C, H, W)`` in [-1, 1] as a PNG grid with ``per_row`` images per row (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_row, padding=1, pad_value=1.0)
+    kind = image_format(path)
+    with atomic_open(path) as handle:
+        save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, handle, format=kind, nrow=per_row, padding=1, pad_value=1.0)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import logging
@@ -16,6 +17,8 @@ from urllib.parse import urlparse
 import braceexpand
 import webdataset as wds
 from tqdm.auto import tqdm
+
+from maskdiff.files import atomic_open, write_json
 
 log = logging.getLogger("maskdiff.data")
 
@@ -47,32 +50,77 @@ def write_shards(
         One ``{"path": str, "samples": int}`` per written shard, in order.
 
     Shards are byte-for-byte reproducible: members of a sample are written sorted by extension,
-    with mtime 0 and a fixed owner and mode.
+    with mtime 0 and a fixed owner and mode. Each shard is written to a temporary name next to it and renamed when
+    complete (:func:`maskdiff.files.atomic_open`): an interrupted run leaves the shards it finished and no partial one.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     if total is None and isinstance(samples, Sequence):
         total = len(samples)
     bar = tqdm(samples, total=total, desc=f"writing {Path(pattern).name}", unit="sample", disable=not progress)
-    with wds.ShardWriter(
+    shards = _AtomicShards()
+    writer = wds.ShardWriter(
         pattern,
         maxcount=max_samples,
         maxsize=float("inf") if max_bytes is None else max_bytes,
         verbose=0,
         mtime=0,
-    ) as writer:
+        opener=shards.open,
+        post=shards.commit,
+    )
+    try:
         for sample in bar:
             key = sample.get("__key__")
             if not isinstance(key, str) or not key or "." in os.path.basename(key):
                 raise ValueError(f"sample __key__ must be a non-empty string without '.', got {key!r}")
             writer.write(sample)
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
-        first_shard = writer.fname
+        if counts:
+            writer.close()
+    except BaseException as error:
+        shards.discard(writer, error)
+        raise
     if not counts:
-        Path(first_shard).unlink(missing_ok=True)
+        shards.discard(writer)
     return [{"path": path, "samples": n} for path, n in counts.items()]
+
+
+class _AtomicShards:
+    """The ``opener``/``post`` pair of a ``wds.ShardWriter`` that writes each shard atomically: ``open`` starts
+    :func:`~maskdiff.files.atomic_open` of the shard, ``commit`` completes it (``post`` runs once the tar is
+    closed), ``discard`` drops the one being written."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[str, contextlib.AbstractContextManager] | None = None
+
+    def open(self, fname: str):
+        context = atomic_open(fname)
+        handle = context.__enter__()
+        self.pending = (fname, context)
+        return handle
+
+    def commit(self, fname: str) -> None:
+        _, context = self.pending
+        self.pending = None
+        context.__exit__(None, None, None)
+
+    def discard(self, writer: wds.ShardWriter, error: BaseException | None = None) -> None:
+        """Close ``writer``'s tar stream and remove the shard it was writing; a write ``error`` is raised as the
+        :class:`~maskdiff.files.WriteError` naming that shard."""
+        if writer.tarstream is not None:
+            with contextlib.suppress(Exception):
+                writer.tarstream.close()
+            writer.tarstream = None
+        if self.pending is not None:
+            _, context = self.pending
+            self.pending = None
+            stop = error if error is not None else RuntimeError("no samples")
+            try:
+                context.__exit__(type(stop), stop, stop.__traceback__)
+            except BaseException as raised:
+                if raised is not stop:
+                    raise
 
 
 def write_manifest(path: str | Path, info: dict) -> None:
@@ -86,10 +134,7 @@ def write_manifest(path: str | Path, info: dict) -> None:
 
     Shard paths and patterns are relative to the manifest's folder.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, info, sort_keys=True)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 
 from maskdiff.data.digits import default_cache_dir, split_indices
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
+from maskdiff.files import save_torch
 
 log = logging.getLogger("maskdiff.evaluation")
 
@@ -87,10 +88,7 @@ def load_digits_judge(cache_dir: str | Path | None = None) -> tuple[DigitsJudge,
             judge.load_state_dict(saved["state_dict"])
             return judge.eval(), saved["accuracy"]
     judge, accuracy = train_digits_judge()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"version": JUDGE_VERSION, "state_dict": judge.state_dict(), "accuracy": accuracy}, temporary)
-    temporary.replace(path)
+    save_torch({"version": JUDGE_VERSION, "state_dict": judge.state_dict(), "accuracy": accuracy}, path)
     log.info("digits judge trained: held-out accuracy %.4f, cached at %s", accuracy, path)
     return judge, accuracy
 

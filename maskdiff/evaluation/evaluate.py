@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maskdiff.files import save_npz
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
@@ -174,7 +175,7 @@ def gather_parts(folder: Path, images: np.ndarray, labels: np.ndarray | None,
     """Every rank writes its part (images ``(n, H, W, 3)`` uint8, labels ``(n,)`` or ``None``) to ``folder``; rank 0
     returns all parts in rank order and removes them, the other ranks get ``(None, None)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / f"rank{run.rank:05d}.npz", images=images, labels=labels if labels is not None else np.zeros(0, np.int64))
+    save_npz(folder / f"rank{run.rank:05d}.npz", images=images, labels=labels if labels is not None else np.zeros(0, np.int64))
     run.barrier()
     if run.rank != 0:
         return None, None

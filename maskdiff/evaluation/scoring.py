@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from maskdiff.data.digits import default_cache_dir
 from maskdiff.data.images import ImageShardsDataModule
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
+from maskdiff.files import save_npz
 from maskdiff.evaluation.inception import (
     INCEPTION_EXTRACTOR,
     file_sha256,
@@ -46,16 +47,12 @@ ANY_LABEL = 2**31 - 1
 
 # ---------------------------------------------------------------------------------------------- npz I/O
 def write_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Write ``arr_0`` uint8 ``(N, H, W, 3)`` (and ``arr_1`` labels ``(N,)``) uncompressed, like ADM/DiT."""
+    """Write ``arr_0`` uint8 ``(N, H, W, 3)`` (and ``arr_1`` labels ``(N,)``) uncompressed, like ADM/DiT; atomically."""
     path = Path(path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, *arrays)
-    temporary.replace(path)
-    return path
+    return save_npz(path, *arrays)
 
 
 def load_samples_npz(path: str | Path) -> np.ndarray:
@@ -166,10 +163,7 @@ def shard_reference_statistics(
     sigma = (outer - num * torch.outer(mu, mu)) / (num - 1)
     stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num": np.asarray(num),
              "prc_features": torch.cat(kept)[:prc_reference].numpy()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, **stats)
-    temporary.replace(path)
+    save_npz(path, **stats)
     return stats
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from maskdiff.files import save_image
+
 LABEL_GAP = 4
 TITLE_HEIGHT = 14
 PANEL_MIN_SIDE = 64
@@ -67,8 +69,5 @@ def labelled_panel(rows: list[tuple[str | None, torch.Tensor]], per_row: int, ma
 
 def save_panel(rows: list[tuple[str | None, torch.Tensor]], path: str | Path, per_row: int,
                titles: list[str] | None = None) -> Path:
-    """Write :func:`labelled_panel` as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_panel(rows, per_row, titles=titles).save(path)
-    return path
+    """Write :func:`labelled_panel` as a PNG (atomically)."""
+    return save_image(labelled_panel(rows, per_row, titles=titles), path)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from maskdiff.corruption.pixel_masks import token_mask
+from maskdiff.files import atomic_path, save_image
 from maskdiff.data.moving_digits import mp4_codec, render_moving_digits
 from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask
 from maskdiff.methods.base import MaskDiffModule
@@ -185,23 +186,21 @@ def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
 
 def write_animation(frames: np.ndarray, path: str | Path, fps: int = 4) -> Path:
     """Write ``frames (T, H, W, 3)`` uint8 as an animated GIF (Pillow, looping) or an MP4 (PyAV, H.264 when
-    available, padded to even sides), chosen by ``path``'s suffix."""
+    available, padded to even sides), chosen by ``path``'s suffix; atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ANIMATION_SUFFIXES:
         raise ValueError(f"video output {path} must end in {' or '.join(ANIMATION_SUFFIXES)}")
     if fps < 1:
         raise ValueError(f"fps must be at least 1, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
         grey = bool((frames == frames[..., :1]).all())
         images = [Image.fromarray(frame[..., 0] if grey else frame) for frame in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
-                       optimize=False)
-        return path
+        return save_image(images[0], path, save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                          loop=0, optimize=False)
     height, width = frames.shape[1:3]
     padded = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), constant_values=255)
-    with av.open(str(path), mode="w") as container:
+    with atomic_path(path) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
         stream = container.add_stream(mp4_codec(), rate=fps)
         stream.height, stream.width = padded.shape[1:3]
         stream.pix_fmt = "yuv420p"

@@ -19,6 +19,7 @@ from maskdiff.convert.dit import _allow_train_args, convert_dit_state_dict
 from maskdiff.convert.fsdp import consolidate_sharded_checkpoint
 from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
 from maskdiff.convert.mdt import convert_mdt_state_dict
+from maskdiff.files import save_torch
 from maskdiff.methods.checkpoints import require_file, write_method_checkpoint
 
 
@@ -169,9 +170,7 @@ def fsdp(src: str, out: str, keep_optimizer_states: bool = False) -> str:
             enough to sample, evaluate, probe or fine-tune.
     """
     checkpoint = consolidate_sharded_checkpoint(src, keep_optimizer_states)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
+    path = save_torch(checkpoint, Path(out))
     tensors = sum(1 for value in checkpoint["state_dict"].values() if isinstance(value, torch.Tensor))
     optimizer = "with optimizer states" if "optimizer_states" in checkpoint else "weights only"
     print(f"wrote {path}: {tensors} tensors from {src}, step {checkpoint.get('global_step', '?')} ({optimizer})")

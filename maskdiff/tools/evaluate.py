@@ -41,6 +41,7 @@ from maskdiff.evaluation.inception import (
     to_inception_uint8,
 )
 from maskdiff.evaluation.scoring import load_samples_npz, reference_kind, score_samples, write_samples_npz
+from maskdiff.files import ensure_writable_directory, write_json
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
 
@@ -68,9 +69,13 @@ def describe_autoencoder(autoencoder: Autoencoder) -> str | dict:
             "scale_factor": autoencoder.scale_factor, "downsample": autoencoder.downsample}
 
 
-def write_json(path: Path, record: dict) -> Path:
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
-    return path
+def check_outputs(folder: Path, names: list[str], overwrite: bool) -> None:
+    """Before any sampling: ``folder`` is writable (created if missing) and, unless ``overwrite``, holds none of
+    ``names`` (``FileExistsError`` naming the first one found)."""
+    ensure_writable_directory(folder, "output directory")
+    existing = [folder / name for name in names if (folder / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite true to replace it, or choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -99,6 +104,7 @@ def evaluate(
     prc_reference: int = 10_000,
     fid_layer: Literal["2048", "768", "192", "64"] = "2048",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Sample a checkpoint into ``OUT/samples.npz`` (+ ``samples.json``) and score it into ``metrics.json``.
 
@@ -138,6 +144,8 @@ def evaluate(
         prc_reference: reference images used for precision/recall from shards or an npz's ``arr_0``.
         fid_layer: Inception features for FID: ``2048`` (standard; ADM reference statistics) or 768/192/64.
         device: torch device (default: ``cuda`` when available, else ``cpu``; ``cuda:LOCAL_RANK`` under torchrun).
+        overwrite: replace existing ``samples.npz``, ``samples.json`` or ``metrics.json``; off: an existing one is an
+            error, raised before sampling.
     """
     if (ckpt is None) == (samples is None):
         raise ValueError("pass exactly one of --ckpt (sample, then score) or --samples PATH.npz (score only)")
@@ -149,6 +157,11 @@ def evaluate(
         weights_path = resolve_inception_weights(inception_weights)
         if reference is not None:
             reference_kind(reference)
+    metrics_name = ["metrics.json"] if scoring else []
+    if samples is None:
+        check_outputs(Path(out).expanduser(), ["samples.npz", "samples.json", *metrics_name], overwrite)
+    else:
+        check_outputs(Path(samples).expanduser().parent, metrics_name, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if samples is not None:
         samples_path = Path(samples).expanduser()

@@ -24,6 +24,7 @@ import torch
 from maskdiff.callbacks.sample_grid import save_grid
 from maskdiff.corruption.maskers import Masker
 from maskdiff.corruption.pixel_masks import token_mask
+from maskdiff.files import ensure_writable_directory
 from maskdiff.inpainting.images import load_image
 from maskdiff.inpainting.masks import MASK_KINDS, check_ratio, load_mask, make_mask, masker_mask
 from maskdiff.inpainting.panels import label_width, labelled_panel, save_panel, upscale
@@ -176,6 +177,8 @@ def inpaint(
     if masker is not None and (mask is not None or (mask_kind or ("tube" if video else "random")) != "random"):
         raise ValueError(f"--masker {masker!r} chooses the tokens of --mask_kind random; pass --mask_kind random "
                          "and no --mask")
+    out = out or ("inpaint.gif" if video is not None else "inpaint.png")
+    ensure_writable_directory(Path(out).expanduser().parent, "--out directory")
     module = load_method(ckpt, map_location=device).to(device).eval()
     models = [(module, ckpt)]
     if compare_ckpt is not None:
@@ -188,10 +191,10 @@ def inpaint(
     options = {"sampler": sampler, "steps": steps, "eta": eta}
     settings = {"seed": seed, "weights": weights, "masker": masker}
     if video is not None:
-        return inpaint_video(models, video, out or "inpaint.gif", mask, mask_kind or "tube",
+        return inpaint_video(models, video, out, mask, mask_kind or "tube",
                              0.9 if mask_ratio is None else mask_ratio, box, side, future_frames, start_frame, fps,
                              samples, cfg_scale, options, **settings)
-    return inpaint_image(models, image, out or "inpaint.png", mask, mask_kind or "random",
+    return inpaint_image(models, image, out, mask, mask_kind or "random",
                          0.5 if mask_ratio is None else mask_ratio, box, side, label, samples,
                          {**options, "cfg_scale": cfg_scale}, **settings)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from maskdiff.callbacks.sample_grid import grid_labels, save_grid
+from maskdiff.files import ensure_writable_directory, image_format
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
 
@@ -58,6 +60,8 @@ def sample(
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to sample on.
     """
+    image_format(out)
+    ensure_writable_directory(Path(out).expanduser().parent, "--out directory")
     module = load_method(ckpt, map_location=device).to(device).eval()
     if weights == "ema" and module.ema_backbone is None:
         print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
