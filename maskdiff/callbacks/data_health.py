@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from maskdiff.data import ShardsDataModule
 
+EXAMPLES = 3
+
 
 class DataHealth(L.Callback):
     """Logs ``data/read`` and ``data/skipped`` at every training epoch end and at fit end; prints skip reasons.
@@ -125,5 +127,5 @@ class DataHealth(L.Callback):
             reasons.update(rank_reasons)
             for reason, keys in rank_examples.items():
                 known = examples.setdefault(reason, [])
-                known += [key for key in keys if key not in known][: max(0, 3 - len(known))]
+                known += [key for key in keys if key not in known][: max(0, EXAMPLES - len(known))]
         return reasons, examples

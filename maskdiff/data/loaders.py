@@ -27,6 +27,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _stop(what: str) -> Callable:
+    """The signal handler of :func:`stop_on_signal`."""
+
     def handler(signum: int, frame) -> None:
         kill_open_pipes()
         os.write(2, f"maskdiff: {signal.Signals(signum).name} while waiting for {what}: stopping\n".encode())
@@ -40,13 +42,15 @@ def stop_on_signal(what: str) -> Iterator[None]:
     """While inside, SIGTERM and SIGINT stop the run at once: the ``pipe:`` commands this process reads are
     killed, one line naming the signal and ``what`` was awaited goes to stderr, and :class:`Interrupted` is
     raised. A loader stalled in a read (a hung ``pipe:`` or network filesystem) never reaches the end of a
-    batch, where Lightning looks at the SIGTERM it received. Outside the main thread, nothing changes."""
+    batch, where Lightning looks at the SIGTERM it received. Outside the main thread, and for a signal whose handler
+    was not set from Python, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    previous = {signum: earlier for signum, earlier in previous.items() if earlier is not None}
     handler = _stop(what)
-    for signum in STOP_SIGNALS:
+    for signum in previous:
         signal.signal(signum, handler)
     try:
         yield

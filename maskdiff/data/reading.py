@@ -60,7 +60,8 @@ def listing(items: Sequence[str], limit: int = LISTED) -> str:
 
 
 def check_shards_readable(urls: Sequence[str], name: str) -> None:
-    """Raise ``ValueError`` naming every local shard of ``urls`` that cannot give a sample (:func:`shard_problem`)."""
+    """Raise ``ValueError`` when local shards of ``urls`` cannot give a sample (:func:`shard_problem`), naming how many
+    and the first :data:`LISTED` with their problem; ``name`` is the option the shards came from."""
     problems = [(url, problem) for url in urls if (problem := shard_problem(url)) is not None]
     if problems:
         raise ValueError(
@@ -99,7 +100,9 @@ def _descendants(pid: int) -> list[int]:
 
 def kill_open_pipes() -> None:
     """Kill the commands of the ``pipe:`` shards this process is reading, with their own children (a stalled one
-    would otherwise keep the process from exiting: closing a pipe waits for its command)."""
+    would otherwise keep the process from exiting: closing a pipe waits for its command). The commands of DataLoader
+    worker processes, which the DataLoader ends, are not reached: a stalled one outlives its worker until it writes
+    (and gets SIGPIPE) or ends."""
     for pipe in list(_open_pipes):
         if pipe.proc.poll() is not None:
             continue
@@ -123,7 +126,6 @@ class ShardRead:
         self.on_sample_error = on_sample_error
         self.kept = 0
         self.fault: str | None = None
-        self.dropped_last = False
         self._errors: list[BaseException] = []
         self._opened = False
 
@@ -164,7 +166,6 @@ class ShardRead:
         if pending is not None and self.fault is None:
             self.kept += 1
             yield pending
-        self.dropped_last = pending is not None and self.fault is not None
 
     def losses(self, expected: int | None) -> tuple[int, str] | None:
         """``(samples lost, reason)`` of this finished pass, or ``None``: with ``expected`` (the manifest's count)
