@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 
+from maskdiff.errors import CheckpointError
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.guards import first_nonfinite
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+EXPECTED = "expected a maskdiff checkpoint written by `maskdiff fit` or `maskdiff convert`"
 
 
 def require_file(path: str | Path, what: str = "checkpoint") -> Path:
@@ -23,10 +26,38 @@ def require_file(path: str | Path, what: str = "checkpoint") -> Path:
     return path
 
 
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` of the file ``path`` failed with ``error``, in words: empty, not a torch file, a truncated
+    archive, or a pickle that weights-only loading refuses."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if not head.startswith((b"PK", b"\x80")):
+        return f"it is not a torch file (it begins with {head!r})"
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
+        return f"it pickles more than tensors and plain data, which weights-only loading refuses ({detail})"
+    if "PytorchStreamReader failed" in text or not text.strip():
+        return f"its {path.stat().st_size} bytes are not a complete torch archive (truncated or overwritten?)"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
+
+
+def read_checkpoint(path: str | Path, expected: str = EXPECTED, mmap: bool = False) -> Any:
+    """``torch.load`` of the file ``path`` with ``weights_only=True`` (``mmap``: tensors are read when used), or
+    :class:`~maskdiff.errors.CheckpointError` naming the file, why it does not load and what was ``expected``."""
+    path = require_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as error:  # noqa: BLE001 -- torch raises many kinds for a file that is not a checkpoint
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {unreadable_reason(path, error)}; {expected}") from error
+
+
 def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the method (class, components and weights) saved in a maskdiff checkpoint."""
     path = require_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if "_class_path" not in hparams:
         raise ValueError(
@@ -71,6 +102,16 @@ def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[s
     return path
 
 
+def start_from_weights(method: MaskDiffModule, path: str | Path, use_ema: bool = True) -> list[str]:
+    """Start ``method`` from the backbone weights of another run's checkpoint ``path`` (its EMA copy too): a
+    weights-only start that takes no optimizer state, step or config. Returns the parameters the checkpoint lacks
+    (see :func:`load_backbone_weights`)."""
+    fresh = load_backbone_weights(method.backbone, path, use_ema=use_ema)
+    if method.ema_backbone is not None:
+        method.ema_backbone.load_state_dict(method.backbone.state_dict())
+    return fresh
+
+
 def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: bool = True) -> list[str]:
     """Copy the backbone weights of a maskdiff checkpoint into ``backbone`` (to start a fine-tune from a pre-training).
 
@@ -80,7 +121,7 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: 
     tensor the backbone has no place for, is an error naming it: the two architectures must otherwise match.
     """
     path = require_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     prefix = "ema_backbone." if use_ema and any(k.startswith("ema_backbone.") for k in state) else "backbone."
     weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
