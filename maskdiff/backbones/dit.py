@@ -15,7 +15,7 @@ from timm.layers import Attention, Mlp
 from torch import nn
 
 from maskdiff.backbones.base import Backbone
-from maskdiff.backbones.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
+from maskdiff.backbones.embeddings import LabelEmbedder, TimestepEmbedder, label_embedder, sincos_2d
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.backbones.registry import register_backbone
 from maskdiff.corruption.masking import Masking
@@ -116,7 +116,7 @@ def build_dit_stem(model: Backbone, input_size: int, patch_size: int, in_channel
     values = model.patchifier.values_per_patch
     model.x_embedder = nn.Linear(values, hidden_size)
     model.t_embedder = TimestepEmbedder(hidden_size)
-    model.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+    model.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
     model.final_layer = FinalLayer(hidden_size, values * model.output_parts)
 
 

@@ -70,6 +70,15 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
+def label_embedder(num_classes: int, hidden_size: int, dropout_prob: float) -> "LabelEmbedder | None":
+    """A backbone's :class:`LabelEmbedder` for ``num_classes`` classes, ``None`` for an unconditional backbone
+    (``num_classes`` 0); a negative ``num_classes`` is refused."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes {num_classes} is negative; expected the number of classes of a "
+                         "class-conditional model, or 0 for an unconditional one")
+    return LabelEmbedder(num_classes, hidden_size, dropout_prob) if num_classes > 0 else None
+
+
 class LabelEmbedder(nn.Module):
     """Class embedding with a null class (index ``num_classes``) for classifier-free guidance.
 
