@@ -6,7 +6,8 @@ the checkpoint written by SLURM auto-requeue (``SIGUSR1`` shortly before the tim
 ``ckpt_path="hpc"`` raises when there is none yet). A job script that always passes ``--ckpt_path last`` must resume
 from whichever of the two is newer: the periodic ``last.ckpt`` after a crash or a node failure, the ``hpc``
 checkpoint after a time-limit requeue. A newer checkpoint that does not load (truncated, overwritten, empty) is
-skipped for the next older one that does, so a requeued job does not fail the same way at every start.
+skipped for the next older one that does, so a requeued job does not fail the same way at every start; so is a
+corrupt ``hpc`` checkpoint that Lightning would pick itself in a SLURM job started without ``--ckpt_path``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maskdiff.checkpoint_io import checkpoint_problem, is_sharded_checkpoint
@@ -67,7 +69,7 @@ def choose_resume_checkpoint(candidates: list[Path]) -> ResumeChoice:
         choice.skipped.append((path, problem))
     if choice.skipped:
         listed = "; ".join(f"{path} ({reason})" for path, reason in choice.skipped)
-        raise ValueError(f"--ckpt_path last: no checkpoint loads: {listed}")
+        raise ValueError(f"no checkpoint to resume from loads: {listed}")
     return choice
 
 
@@ -75,4 +77,15 @@ def newest_resume_checkpoint(trainer: L.Trainer) -> ResumeChoice:
     """The newest of :func:`resume_candidates` that loads, and the newer ones skipped (``path`` ``None``: no
     candidate, or Lightning must decide)."""
     candidates = resume_candidates(trainer)
+    return choose_resume_checkpoint(candidates) if candidates else ResumeChoice()
+
+
+def slurm_resume_checkpoint(trainer: L.Trainer) -> ResumeChoice:
+    """Without ``--ckpt_path`` in a SLURM job, Lightning resumes from the highest ``hpc_ckpt_<N>.ckpt`` of
+    ``trainer.default_root_dir``: the newest of those that loads instead, and the newer ones skipped (``path``
+    ``None``: not a SLURM job, a remote directory, or no such checkpoint)."""
+    root = str(trainer.default_root_dir)
+    if not SLURMEnvironment.detect() or "://" in root:
+        return ResumeChoice()
+    candidates = [path for path in Path(root).glob(HPC_CHECKPOINT_GLOB) if path.is_file()]
     return choose_resume_checkpoint(candidates) if candidates else ResumeChoice()

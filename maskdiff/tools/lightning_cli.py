@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from maskdiff.checkpoint_io import use_atomic_checkpoints
 from maskdiff.launch.directories import require_writable_directories, run_directories
 from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
-from maskdiff.launch.resume import newest_resume_checkpoint
+from maskdiff.launch.resume import newest_resume_checkpoint, slurm_resume_checkpoint
 
 
 @rank_zero_only
@@ -80,10 +80,12 @@ class MaskDiffCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads,
-        saying which newer ones were skipped and why."""
-        if self.config_init["fit"].get("ckpt_path") != "last":
+        saying which newer ones were skipped and why; without ``--ckpt_path`` in a SLURM job, the newest
+        ``hpc_ckpt_*.ckpt`` that loads (Lightning would take the highest, loadable or not)."""
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path not in ("last", None):
             return
-        choice = newest_resume_checkpoint(self.trainer)
+        choice = newest_resume_checkpoint(self.trainer) if ckpt_path == "last" else slurm_resume_checkpoint(self.trainer)
         for line in choice.describe():
             warn(line)
         if choice.path is not None:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maskdiff.tools.main import main
-from maskdiff.launch.resume import newest_resume_checkpoint
+from maskdiff.launch.resume import newest_resume_checkpoint, slurm_resume_checkpoint
 from tests.helpers import config_in
 
 
@@ -55,8 +55,21 @@ def test_newer_checkpoints_that_do_not_load_are_skipped_and_named(tmp_path):
     assert lines[0].startswith(f"skipped {tmp_path / 'hpc_ckpt_2.ckpt'}: it does not load (RuntimeError: ")
     assert lines[0].endswith(f"; resuming from {ckpt_dir / 'last.ckpt'}") and "an empty file" in lines[1]
     (ckpt_dir / "last.ckpt").write_text("overwritten by something else")
-    with pytest.raises(ValueError, match=r"^--ckpt_path last: no checkpoint loads: .*hpc_ckpt_2\.ckpt \(RuntimeError"):
+    with pytest.raises(ValueError, match=r"^no checkpoint to resume from loads: .*hpc_ckpt_2\.ckpt \(RuntimeError"):
         newest_resume_checkpoint(trainer)
+
+
+def test_a_slurm_job_without_ckpt_path_skips_a_corrupt_hpc_checkpoint(tmp_path, monkeypatch):
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu")
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", 1000, step=10)
+    _touch(tmp_path / "hpc_ckpt_2.ckpt", 2000, step=20)
+    (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(b"")
+    assert slurm_resume_checkpoint(trainer).path is None  # not a SLURM job: Lightning does not resume either
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    choice = slurm_resume_checkpoint(trainer)
+    assert choice.path == tmp_path / "hpc_ckpt_1.ckpt"
+    assert choice.skipped == [(tmp_path / "hpc_ckpt_2.ckpt", "an empty file")]
 
 
 def test_fit_resumes_from_a_newer_hpc_checkpoint(tmp_path, digits_cache, caplog):
