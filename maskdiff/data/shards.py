@@ -1,15 +1,11 @@
-"""WebDataset shard helpers: writing, manifests, URL expansion and a counting error handler."""
+"""WebDataset shard helpers: writing, manifests and URL expansion (the skip counter lives in :mod:`.faults`)."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import json
 import logging
-import multiprocessing
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +19,6 @@ from maskdiff.files import atomic_open, write_json
 log = logging.getLogger("maskdiff.data")
 
 MANIFEST_NAME = "manifest.json"
-_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
@@ -234,155 +229,3 @@ def _shard_counts(manifest: dict) -> dict[str, int]:
     shard_lists = [manifest.get("shards", [])]
     shard_lists += [split.get("shards", []) for split in manifest.get("splits", {}).values()]
     return {os.path.basename(shard["path"]): int(shard["samples"]) for shards in shard_lists for shard in shards}
-
-
-def _is_power_of_ten(n: int) -> bool:
-    while n >= 10 and n % 10 == 0:
-        n //= 10
-    return n == 1
-
-
-class _SharedTally:
-    """Read and skip totals and a bounded skip-reason table in shared memory, for DataLoader worker processes.
-
-    ``max_reasons`` reason slots of ``reason_bytes`` UTF-8 bytes each, plus one ``"<other>"`` count;
-    the lock of ``skipped`` guards the table.
-    """
-
-    def __init__(self, max_reasons: int, reason_bytes: int = 320):
-        self.reason_bytes = reason_bytes
-        self.read = multiprocessing.Value("q", 0)
-        self.skipped = multiprocessing.Value("q", 0)
-        self.texts = multiprocessing.Array(ctypes.c_char, max_reasons * reason_bytes, lock=False)
-        self.counts = multiprocessing.Array(ctypes.c_int64, max_reasons + 1, lock=False)
-
-    def _text(self, slot: int) -> bytes:
-        return self.texts[slot * self.reason_bytes : (slot + 1) * self.reason_bytes].rstrip(b"\0")
-
-    def add_skip(self, reason: str) -> int:
-        """Count one skip for ``reason``; returns the new skip total."""
-        text = reason.encode("utf-8", "replace")[: self.reason_bytes].rstrip(b"\0")
-        slots = len(self.counts) - 1
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-            slot = next((i for i in range(slots) if self.counts[i] and self._text(i) == text), None)
-            if slot is None:
-                slot = next((i for i in range(slots) if not self.counts[i]), slots)
-                if slot < slots:
-                    self.texts[slot * self.reason_bytes : (slot + 1) * self.reason_bytes] = text.ljust(
-                        self.reason_bytes, b"\0"
-                    )
-            self.counts[slot] += 1
-            return int(self.skipped.value)
-
-    def reasons(self) -> collections.Counter:
-        slots = len(self.counts) - 1
-        with self.skipped.get_lock():
-            found = collections.Counter(
-                {self._text(i).decode("utf-8", "ignore"): int(self.counts[i]) for i in range(slots) if self.counts[i]}
-            )
-            if self.counts[slots]:
-                found["<other>"] = int(self.counts[slots])
-        return found
-
-    def reset(self) -> None:
-        with self.read.get_lock():
-            self.read.value = 0
-        with self.skipped.get_lock():
-            self.skipped.value = 0
-            self.counts[:] = [0] * len(self.counts)
-
-
-class SkipCounter:
-    """A webdataset error handler that skips bad samples, counts them and keeps the reasons.
-
-    ``handler(exn) -> True`` means "skip this sample and continue". It never sleeps (webdataset's
-    ``warn_and_continue`` sleeps 0.5 s per error). Once more than ``max_errors`` samples were
-    skipped, the exception is re-raised. The first ``log_first`` skips of each process, and then the
-    10th, 100th, 1000th, ..., are logged as warnings on the ``maskdiff.data`` logger. The streams
-    of :mod:`.streams` also call :meth:`count_read` for every sample they decoded.
-
-    DataLoader workers are separate processes holding their own copy: with ``shared=True`` the
-    totals (and so the ``max_errors`` budget) and the reasons live in shared memory of the default
-    start method's context, shared by all workers started after construction (the DataLoader must
-    use that default context).
-
-    Attributes:
-        read: samples decoded successfully (all workers when ``shared``).
-        skipped: number of skipped samples (all workers when ``shared``).
-        reasons: ``Counter`` of ``"ExceptionType: message"`` (object addresses such as `` at 0x7f..``
-            removed, so that equal errors count together); at most ``max_reasons`` distinct reasons are
-            kept, the rest are counted under ``"<other>"``.
-    """
-
-    def __init__(
-        self,
-        max_errors: int | None = None,
-        log_first: int = 5,
-        max_reasons: int = 10,
-        shared: bool = False,
-        name: str = "data",
-    ):
-        self.max_errors = max_errors
-        self.log_first = log_first
-        self.max_reasons = max_reasons
-        self.name = name
-        self._local_reasons: collections.Counter[str] = collections.Counter()
-        self._local_skipped = 0
-        self._local_read = 0
-        self._shared = _SharedTally(max_reasons) if shared else None
-
-    @property
-    def skipped(self) -> int:
-        if self._shared is not None:
-            return int(self._shared.skipped.value)
-        return self._local_skipped
-
-    @property
-    def read(self) -> int:
-        if self._shared is not None:
-            return int(self._shared.read.value)
-        return self._local_read
-
-    @property
-    def reasons(self) -> collections.Counter:
-        if self._shared is not None:
-            return self._shared.reasons()
-        return collections.Counter(self._local_reasons)
-
-    def count_read(self, samples: int = 1) -> None:
-        """Count ``samples`` successfully decoded samples."""
-        if self._shared is not None:
-            with self._shared.read.get_lock():
-                self._shared.read.value += samples
-        else:
-            self._local_read += samples
-
-    def reset(self) -> None:
-        self._local_reasons.clear()
-        self._local_skipped = 0
-        self._local_read = 0
-        if self._shared is not None:
-            self._shared.reset()
-
-    def __call__(self, exn: BaseException) -> bool:
-        self._local_skipped += 1
-        reason = _OBJECT_ADDRESS.sub("", f"{type(exn).__name__}: {exn}")[:300]
-        if self._shared is not None:
-            total = self._shared.add_skip(reason)
-        else:
-            total = self._local_skipped
-            if reason in self._local_reasons or len(self._local_reasons) < self.max_reasons:
-                self._local_reasons[reason] += 1
-            else:
-                self._local_reasons["<other>"] += 1
-        if self._local_skipped <= self.log_first or _is_power_of_ten(self._local_skipped):
-            log.warning("%s: skipped sample (%d skipped in total, pid %d): %s", self.name, total, os.getpid(), reason)
-        if self.max_errors is not None and total > self.max_errors:
-            if hasattr(exn, "add_note"):
-                exn.add_note(f"maskdiff: {self.name}: more than max_errors={self.max_errors} samples failed")
-            raise exn
-        return True
-
-    def __repr__(self) -> str:
-        return f"SkipCounter(name={self.name!r}, read={self.read}, skipped={self.skipped}, max_errors={self.max_errors})"
