@@ -38,7 +38,7 @@ class FeatureSpec:
             patch tokens, prefix tokens excluded; ``prefix_mean``: the mean of the prefix tokens (UMD's registers).
         depth: run the first ``depth`` encoder blocks (0..``num_blocks``; no final norm); ``None``: all blocks and
             the encoder's final norm if it has one (MAE's linear-probe features), except ``mean`` pooling on a
-            backbone with a ``global_pool_norm`` (MAE): the mean of the patch tokens after the last block, before the
+            backbone whose ``global_pool_norm`` is not None (MAE): the mean of the patch tokens after the last block, before the
             final norm, through ``global_pool_norm`` (``fc_norm``), as MAE's official ``global_pool`` path.
         timestep: the timestep a time-conditioned backbone is conditioned on (``None``: 0, logged); must be
             ``None`` for backbones without timestep conditioning.
@@ -138,7 +138,7 @@ def backbone_features(
     t = None
     if spec.timestep is not None:
         t = torch.full((tokens.shape[0],), spec.timestep, dtype=torch.long, device=tokens.device)
-    pool_norm = getattr(backbone, "global_pool_norm", None) if spec.pooling == "mean" and spec.depth is None else None
+    pool_norm = backbone.global_pool_norm if spec.pooling == "mean" and spec.depth is None else None
     depth = backbone.num_blocks if pool_norm is not None else spec.depth
     pooled = pool_tokens(backbone.forward_features(tokens, t=t, depth=depth), spec.pooling, backbone.num_prefix_tokens)
     return pooled if pool_norm is None else pool_norm(pooled)

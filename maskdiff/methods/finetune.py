@@ -150,7 +150,7 @@ class FineTune(TrainingOptions):
         if self.compile_backbone and self._trainer is not None:
             compile_in_place(self.backbone, features=True, **self.compile_kwargs)
         self.fc_norm = nn.LayerNorm(feature_dim, eps=1e-6) if self.pooling == "mean" else nn.Identity()
-        pool_norm = getattr(backbone, "global_pool_norm", None)
+        pool_norm = backbone.global_pool_norm
         if self.pooling == "mean" and pool_norm is not None and pool_norm.elementwise_affine:
             self.fc_norm.load_state_dict(pool_norm.state_dict())
         self.head_drop = nn.Dropout(self.head_dropout)
