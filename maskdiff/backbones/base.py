@@ -84,6 +84,12 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
+    def global_pool_norm(self) -> nn.Module | None:
+        """The norm that mean pooling of the pre-norm patch tokens goes through for probes (MAE's official
+        ``global_pool`` path: ``fc_norm``), or ``None``: mean pooling reads the encoder's normed tokens."""
+        return None
+
+    @property
     def encoder_blocks(self) -> list[nn.Module]:
         """The encoder's transformer blocks in order, the ``num_blocks`` that ``forward_features(depth=...)`` counts."""
         return list(self.blocks)[: self.num_blocks]
@@ -101,6 +107,11 @@ class Backbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be weight-decayed (timm convention)."""
         return set()
+
+    def decays(self, name: str, parameter: nn.Parameter) -> bool:
+        """Whether the methods' optimizer weight-decays ``parameter`` (``name`` as in ``named_parameters``): timm's
+        rule, neither 1-D parameters (biases, norms) nor the names in :meth:`no_weight_decay`."""
+        return parameter.ndim > 1 and name not in self.no_weight_decay()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -6,13 +6,18 @@ An MAE-style asymmetric autoencoder that is also a diffusion model:
   ``num_registers`` learnable register tokens in front; it ends with a LayerNorm, and the mean of the registers is
   the representation (``pre_logits``);
 * the decoder (as wide as the encoder) puts a shared mask token at the hidden positions, adds its own learnable
-  positions, prepends the representation as one token and predicts ``[x0 ‖ ε]`` for every patch;
+  positions, prepends the representation as one token and ends with a LayerNorm (with its own scale and bias when
+  ``final_norm_affine``, as the official ``Decoder``), the adaLN final modulation and the per-patch output layer,
+  which predicts ``[x0 ‖ ε]`` for every patch;
 * both halves are conditioned on the timestep (0 = "no noise"; the corruption offsets diffusion steps by one) and,
   when ``num_classes > 0``, on the class, through adaLN-Zero (``adaln=True``) or as an in-context token prepended
   in every block (``adaln=False``, the paper's MAE baseline).
 
 Layout differences from the JAX module (so the same maths, token layout): the patch embedding is the equivalent
-``Linear`` and the ``ConvTranspose`` head a per-token ``Linear`` whose output is ``[x0 tokens ‖ ε tokens]``.
+``Linear``, the attention's query/key/value kernels one fused ``qkv`` ``Linear``, and the ``ConvTranspose`` head a
+per-token ``Linear`` whose output is ``[x0 tokens ‖ ε tokens]``. big_vision checkpoints import with
+:func:`maskdiff.convert.umd.convert_umd_params`. The initialisers and the weight-decay mask are the official ones
+(:meth:`UMD.initialize_weights`, :meth:`UMD.decays`).
 """
 
 from __future__ import annotations
@@ -20,15 +25,26 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.layers import Attention, Mlp
 from torch import nn
 
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.dit import DiTBlock, modulate
-from maskdiff.backbones.embeddings import LabelEmbedder, timestep_frequencies
+from maskdiff.backbones.embeddings import label_embedder, timestep_frequencies
 from maskdiff.backbones.mae import vit_blocks
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.backbones.registry import register_backbone
 from maskdiff.corruption.masking import Masking, gather_tokens, restore_tokens
+
+
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+"""Standard deviation of a standard normal truncated to [-2, 2] (flax's ``variance_scaling`` divides by it)."""
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """flax's default kernel init on a ``(out, in)`` weight: variance 1/fan_in, a normal truncated at ±2 std."""
+    std = 1 / math.sqrt(weight.shape[1]) / TRUNCATED_NORMAL_STD
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 def embedding_trunk(width: int) -> nn.Sequential:
@@ -61,12 +77,15 @@ class InContextBlock(nn.Module):
 
 
 class UMDHead(nn.Module):
-    """Final norm (adaLN shift/scale when ``adaln``) and the per-token linear to ``[x0 ‖ ε]``: ``(B, N, D) -> (B, N, out)``."""
+    """Final norm (adaLN shift/scale when ``adaln``) and the per-token linear to ``[x0 ‖ ε]``: ``(B, N, D) -> (B, N, out)``.
 
-    def __init__(self, hidden_size: int, out_features: int, adaln: bool) -> None:
+    ``norm_affine``: the norm has its own scale and bias before the modulation (always without ``adaln``).
+    """
+
+    def __init__(self, hidden_size: int, out_features: int, adaln: bool, norm_affine: bool = False) -> None:
         super().__init__()
         self.adaln = adaln
-        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=not adaln, eps=1e-6)
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine or not adaln, eps=1e-6)
         self.linear = nn.Linear(hidden_size, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaln else None
 
@@ -93,8 +112,11 @@ class UMD(Backbone):
         class_dropout_prob: probability of the null class in training (classifier-free guidance).
         adaln: adaLN-Zero conditioning (UMD, DiT-like); ``False`` prepends the condition as an in-context token in
             every block (the paper's MAE baseline).
-        label_embedding_std: init std of the class embeddings (0.02 as in DiT; short CPU runs learn the class
-            faster with ~1.0, see the DiT quickstart).
+        label_embedding_std: init std of the class embeddings; ``None``: the official ``nn.Embed`` init, 1/√D
+            (DiT uses 0.02; short CPU runs learn the class faster with ~1.0, see the DiT quickstart).
+        final_norm_affine: with ``adaln``, the decoder's final LayerNorm has its own scale and bias before the final
+            modulation, as the official model (the ImageNet configs); ``False`` (the default, the layout of
+            checkpoints saved before this option) is DiT's final layer, a LayerNorm without them.
     """
 
     output_parts = 2
@@ -117,7 +139,8 @@ class UMD(Backbone):
         num_classes: int = 0,
         class_dropout_prob: float = 0.1,
         adaln: bool = True,
-        label_embedding_std: float = 0.02,
+        label_embedding_std: float | None = None,
+        final_norm_affine: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -137,7 +160,7 @@ class UMD(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, hidden_size))
         self.registers = nn.Parameter(torch.zeros(1, num_registers, hidden_size))
         self.t_embedder = UMDTimeEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
         self.y_trunk = embedding_trunk(hidden_size) if num_classes > 0 else None
         self.blocks = self._blocks(depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -145,7 +168,7 @@ class UMD(Backbone):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, tokens, hidden_size))
         self.decoder_blocks = self._blocks(decoder_depth, num_heads, mlp_ratio)
-        self.head = UMDHead(hidden_size, self.output_parts * values, adaln)
+        self.head = UMDHead(hidden_size, self.output_parts * values, adaln, final_norm_affine)
         self.initialize_weights()
 
     def _blocks(self, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
@@ -155,33 +178,61 @@ class UMD(Backbone):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """Xavier linears with zero bias; positions N(0, 1/√N); zero registers; mask token and head N(0, 0.02);
-        class table N(0, label_embedding_std); adaLN modulations zero (adaLN-Zero)."""
+        """The official initialisers (flax defaults where ``models/ae.py`` and ``models/vit.py`` name none):
+
+        * patch embedding and embedding trunks: LeCun normal (a normal of variance 1/fan_in truncated at ±2 std),
+          zero bias;
+        * attention: Xavier-uniform query, key, value and out kernels, each D x D, zero biases; MLP: Xavier-uniform
+          kernels, biases N(0, 1e-6);
+        * positions N(0, 1/√N); registers zero; mask token N(0, 0.02); class table N(0, ``label_embedding_std``,
+          default 1/√D); adaLN modulations zero (adaLN-Zero); output layer N(0, 0.02), zero bias; LayerNorms 1, 0.
+        """
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+            if isinstance(module, Attention):
+                for kernel in (*module.qkv.weight.chunk(3, dim=0), module.proj.weight):
+                    nn.init.xavier_uniform_(kernel)
+                nn.init.zeros_(module.qkv.bias)
+                nn.init.zeros_(module.proj.bias)
+            elif isinstance(module, Mlp):
+                for layer in (module.fc1, module.fc2):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.normal_(layer.bias, std=1e-6)
+        for layer in (self.x_embedder, *self.trunks()):
+            lecun_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
         std = 1 / math.sqrt(self.patchifier.num_tokens)
         nn.init.normal_(self.pos_embed, std=std)
         nn.init.normal_(self.decoder_pos_embed, std=std)
         nn.init.zeros_(self.registers)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.head.linear.weight, std=0.02)
+        nn.init.zeros_(self.head.linear.bias)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_embedding_std)
+            label_std = self.label_embedding_std if self.label_embedding_std is not None else 1 / math.sqrt(self.hidden_size)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_std)
         for module in self.modules():
             modulation = getattr(module, "adaLN_modulation", None)
             if modulation is not None:
                 nn.init.zeros_(modulation[-1].weight)
                 nn.init.zeros_(modulation[-1].bias)
 
+    def trunks(self) -> list[nn.Linear]:
+        """The Dense layers of the time and label embedding trunks."""
+        trunks = [self.t_embedder.trunk] + ([self.y_trunk] if self.y_trunk is not None else [])
+        return [layer for trunk in trunks for layer in trunk if isinstance(layer, nn.Linear)]
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
     def no_weight_decay(self) -> set[str]:
-        """UMD's weight-decay mask excludes the register (cls) tokens and the mask embedding (biases are 1-D anyway)."""
+        """The register (cls) tokens and the mask embedding (see :meth:`decays`)."""
         return {"registers", "mask_token"}
+
+    def decays(self, name: str, parameter: nn.Parameter) -> bool:
+        """big_vision's mask: only ``no_decay_list`` (``cls``, ``image_mask_embedding``, biases) goes undecayed, so
+        LayerNorm scales, positions and the class table are decayed."""
+        return name not in self.no_weight_decay() and not name.endswith("bias")
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """``c = t_emb + y_emb`` ``(B, D)``; ``y=None`` gives the null class of a conditional model."""

@@ -182,10 +182,10 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
             self._weight_decayed = self.weight_decayed()
 
     def weight_decayed(self) -> dict[int, bool]:
-        """``id(parameter) -> decayed`` for the trainable parameters: no decay for 1-D ones and ``no_weight_decay``."""
-        no_decay_names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
-        return {id(param): param.ndim > 1 and name not in no_decay_names
-                for name, param in self.named_parameters() if param.requires_grad}
+        """``id(parameter) -> decayed`` for the trainable parameters: the backbone's by its ``decays`` (by default no
+        decay for 1-D ones and ``no_weight_decay``), the others' unless 1-D."""
+        backbone = {id(param): self.backbone.decays(name, param) for name, param in self.backbone.named_parameters()}
+        return {id(param): backbone.get(id(param), param.ndim > 1) for param in self.parameters() if param.requires_grad}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
