@@ -4,6 +4,7 @@
     maskdiff convert dit DiT-XL-2-256x256.pt dit_xl2.ckpt --vae /models/sd-vae-ft-ema
     maskdiff convert mdt mdt_xl2_v2_ckpt.pt mdt_xl2.ckpt
     maskdiff convert mae mae_pretrain_vit_base.pth mae_base.ckpt
+    maskdiff convert umd umd_b4_params.npz umd_b4.ckpt
     maskdiff convert fsdp runs/dit_xl2/checkpoints/last.ckpt/ dit_xl2_last.ckpt
 
 The state-dict converters live in :mod:`maskdiff.convert`.
@@ -19,6 +20,7 @@ from maskdiff.convert.dit import _allow_train_args, convert_dit_state_dict
 from maskdiff.convert.fsdp import consolidate_sharded_checkpoint
 from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
 from maskdiff.convert.mdt import convert_mdt_state_dict
+from maskdiff.convert.umd import convert_umd_params, load_big_vision_params
 from maskdiff.files import save_torch
 from maskdiff.methods.checkpoints import require_file, write_method_checkpoint
 
@@ -158,6 +160,53 @@ def mae(
     return str(path)
 
 
+def umd(
+    src: str,
+    out: str,
+    vae: str | None = None,
+    vae_scale_factor: float = 0.18215,
+    cfg_scale: float | None = None,
+) -> str:
+    """Import a big_vision UMD params checkpoint (philippe-eecs/small-vision, ``adaln=True``) as a maskdiff UMD.
+
+        maskdiff convert umd umd_b4_params.npz umd_b4.ckpt
+
+    The sizes are read from the weights; blocks stacked by ``scan=True`` or unstacked both load. The written method
+    has UMD's defaults (DDIM-125, η = 1) and the official diffusion setting of its space: cosine β and x̂0 clipped to
+    [-1, 1] for pixels, linear β and no clipping for latents (``--vae``).
+
+    Args:
+        src: ``.npz`` whose keys are the flax param paths joined by ``/`` (with or without a leading ``params/``).
+        out: maskdiff ``.ckpt`` to write.
+        vae: local SD-VAE directory (``AutoencoderKL.save_pretrained`` layout) of a latent model.
+        vae_scale_factor: latent scale of the VAE.
+        cfg_scale: default guidance scale of a class-conditional model, on all output channels (the official CFG);
+            none: no stored guidance.
+    """
+    state_dict, backbone_config = convert_umd_params(load_big_vision_params(require_file(src, "UMD checkpoint")))
+    init_args = {
+        "backbone": {"class_path": "maskdiff.backbones.UMD", "init_args": backbone_config},
+        "corruption": {
+            "class_path": "maskdiff.corruption.UnifiedMaskedNoise",
+            "init_args": {"schedule": "linear" if vae is not None else "cosine"},
+        },
+        "clip_x0": None if vae is not None else 1.0,
+        "ema_decay": None,
+    }
+    if cfg_scale is not None:
+        init_args["guidance"] = {"class_path": "maskdiff.samplers.ClassifierFreeGuidance", "init_args": {"scale": cfg_scale}}
+    if vae is not None:
+        init_args["autoencoder"] = {
+            "class_path": "maskdiff.autoencoders.StableDiffusionVAE",
+            "init_args": {"path": vae, "scale_factor": vae_scale_factor},
+        }
+    path = write_method_checkpoint(out, "maskdiff.methods.UMD", init_args, {f"backbone.{k}": v for k, v in state_dict.items()})
+    size = (f"depth {backbone_config['depth']}+{backbone_config['decoder_depth']}, width {backbone_config['hidden_size']}, "
+            f"patch {backbone_config['patch_size']}")
+    print(f"wrote {path}: UMD ({size}, input {backbone_config['input_size']}, {backbone_config['num_classes']} classes)")
+    return str(path)
+
+
 def fsdp(src: str, out: str, keep_optimizer_states: bool = False) -> str:
     """Consolidate a sharded FSDP checkpoint directory into one ``.ckpt`` file (runs on the CPU, one process).
 
@@ -177,4 +226,4 @@ def fsdp(src: str, out: str, keep_optimizer_states: bool = False) -> str:
     return str(path)
 
 
-CONVERTERS = {"dit": dit, "mdt": mdt, "mae": mae, "fsdp": fsdp}
+CONVERTERS = {"dit": dit, "mdt": mdt, "mae": mae, "umd": umd, "fsdp": fsdp}
