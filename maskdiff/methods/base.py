@@ -147,8 +147,10 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
         self._log_step("train", output, images.shape[0])
         return output.loss
 
-    def _evaluation_step(self, stage: str, batch, batch_idx: int) -> torch.Tensor:
+    def _evaluation_step(self, stage: str, batch, batch_idx: int) -> torch.Tensor | None:
         images, labels = self.unpack(batch)
+        if images.shape[0] == 0:  # every sample of the batch was skipped: nothing to average (not a NaN loss)
+            return None
         # Fixed corruption randomness per batch: the validation loss is comparable across epochs and runs.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(batch_idx + 1000 * self.global_rank)

@@ -195,3 +195,11 @@ def test_step_seeds_differ_by_micro_batch_and_rank_and_keep_plain_steps_unchange
     seeds = {(rank, micro): step_seed(0, rank, 5, micro) for rank in range(2) for micro in range(4)}
     assert len(set(seeds.values())) == 8
     assert step_seed(0, 1, 5) == step_seed(0, 1, 5, 0)
+
+
+def test_an_empty_evaluation_batch_is_not_logged_as_a_nan_loss(tmp_path):
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = DataLoader([(images,), (images[:0],)], batch_size=None)
+    results = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path).validate(tiny_method(), batches, verbose=False)
+    assert torch.isfinite(torch.tensor(results[0]["val/loss"]))
