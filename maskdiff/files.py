@@ -34,10 +34,8 @@ ASIDE = "old"
 
 
 class WriteError(OSError):
-    """An ``OSError`` whose message is one line naming the path (``str()`` is the message alone)."""
-
-    def __init__(self, code: int | None, message: str) -> None:
-        super().__init__(code, message)
+    """``WriteError(errno, message)``: an ``OSError`` whose message is one line naming the path (``str()`` is the
+    message alone)."""
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -45,12 +43,11 @@ class WriteError(OSError):
 
 def format_bytes(count: int) -> str:
     """``count`` bytes in binary units, e.g. ``12.3 MiB``."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, unit = float(count), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{count} B" if unit == 0 else f"{value:.1f} {units[unit]}"
 
 
 def free_space(path: str | Path) -> str:
@@ -118,16 +115,12 @@ def _leftovers(target: Path, kind: str) -> list[Path]:
 
 
 def _os_error(error: BaseException) -> OSError | None:
-    """The ``OSError`` behind ``error`` (itself, or what it was raised from or while handling: ``torch.save``
-    reports a failed write as a ``RuntimeError`` raised while handling the ``OSError``)."""
-    seen = 0
-    current: BaseException | None = error
-    while current is not None and seen < 8:
-        if isinstance(current, OSError):
-            return current
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return None
+    """The ``OSError`` behind ``error``: itself, or the one a ``RuntimeError`` was raised from or while handling
+    (``torch.save`` reports a failed write so)."""
+    if isinstance(error, OSError):
+        return error
+    behind = error.__cause__ or error.__context__
+    return behind if isinstance(error, RuntimeError) and isinstance(behind, OSError) else None
 
 
 def _remove(path: Path) -> None:
@@ -291,9 +284,9 @@ def image_format(path: str | Path) -> str:
 
 def save_image(image: Image.Image, path: str | Path, **params: Any) -> Path:
     """``image.save(path, **params)`` in the format of ``path``'s suffix, atomically."""
-    image_format_name = image_format(path)
+    kind = image_format(path)
     with atomic_open(path) as handle:
-        image.save(handle, format=image_format_name, **params)
+        image.save(handle, format=kind, **params)
     return Path(path)
 
 
