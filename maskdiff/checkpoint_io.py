@@ -79,7 +79,8 @@ def save_sharded(path: str | Path, write: Callable[[Path], None], finish: Callab
     """Write a sharded checkpoint directory atomically: every rank calls this; ``write(folder)`` writes each rank's
     shards into one temporary folder next to ``path`` (its name chosen by the writer rank and broadcast), then the
     writer rank runs ``finish(folder)`` (e.g. the metadata file) and puts the folder in place of ``path``, the
-    previous checkpoint being renamed aside first and removed after. A failure on any rank removes the folder."""
+    previous checkpoint being renamed aside first and removed after. When the writer rank's part fails, the folder
+    is removed and the previous checkpoint stays."""
     target = local_path(path)
     if is_writer:
         with atomic_path(target, directory=True) as folder:
@@ -95,7 +96,13 @@ def save_sharded(path: str | Path, write: Callable[[Path], None], finish: Callab
 
 
 def _reason(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    """``error`` of a load in one line: the weights-only unpickler's own reason (not torch's advice to load the file
+    unsafely), else the first line of the message."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
+        return f"UnpicklingError: it pickles more than tensors and plain data ({detail})"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
 
 
