@@ -26,6 +26,13 @@ def debug_fit(tmp_path, *extra):
 def test_every_config_parses_through_the_cli(config, capsys):
     configs = [str(config)]
     first_line = config.read_text().splitlines()[0]
+    if first_line.startswith("# preset of `maskdiff probe`"):  # a probe preset: every value is a probe option
+        with pytest.raises(SystemExit) as exit_info:
+            main(["probe", "--config", str(config), "--ckpt", "x.ckpt", "--data", "y.yaml", "--print_config"])
+        assert exit_info.value.code in (None, 0)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert set(yaml.safe_load(config.read_text())) <= set(printed)
+        return
     if first_line.startswith("# overlay:"):  # applied on top of the base config its usage line names
         base = re.search(r"--config (\S+) --config", config.read_text())
         assert base, f"{config} is an overlay but names no base config in a usage line"
