@@ -20,8 +20,9 @@ The options, as for maskdiff fit:
 """
 
 
-def preflight(args: list[str]) -> None:
-    """Parse ``args`` as ``maskdiff fit`` would, print every launch problem, exit 0 (no errors) or 2.
+def preflight(args: list[str], exit_on_error: bool = True) -> None:
+    """Parse ``args`` as ``maskdiff fit`` would, print every launch problem, exit 0 (no errors) or 2
+    (``exit_on_error=False``: a command line that does not parse raises jsonargparse's ``ArgumentError``).
 
         maskdiff preflight --config configs/dit/dit_xl2_imagenet256.yaml --config configs/trainer/slurm.yaml --ckpt_path last
     """
@@ -29,4 +30,4 @@ def preflight(args: list[str]) -> None:
         print(USAGE)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        PreflightCLI(args=["fit", *args])
+        PreflightCLI(args=["fit", *args], parser_kwargs={"exit_on_error": exit_on_error})
