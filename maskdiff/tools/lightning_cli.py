@@ -17,9 +17,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from maskdiff.checkpoint_io import use_atomic_checkpoints
+from maskdiff.errors import UserError
 from maskdiff.launch.directories import require_writable_directories, run_directories
 from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
 from maskdiff.launch.resume import newest_resume_checkpoint, slurm_resume_checkpoint
+from maskdiff.methods.base import MaskDiffModule
+from maskdiff.methods.checkpoints import start_from_weights
+from maskdiff.tools.checkpoint_config import check_checkpoint_config, listed
 
 
 @rank_zero_only
@@ -54,7 +58,41 @@ class MaskDiffCLI(LightningCLI):
                     f"checkpoint not found: {ckpt_path} (--ckpt_path must be an existing file, a sharded FSDP "
                     f"checkpoint directory, or one of {NAMED_CHECKPOINTS})"
                 )
-        super()._parse_ckpt_path()
+            if ckpt_path and Path(ckpt_path).is_file():
+                self.check_checkpoint(ckpt_path)
+
+    def check_checkpoint(self, ckpt_path: str | Path) -> None:
+        """The config builds the model and the checkpoint file ``ckpt_path`` restores its state (LightningCLI would
+        replace the config's model by the checkpoint's): refuse a checkpoint of another method or backbone, listing
+        the keys, and name the other settings that differ (:mod:`maskdiff.tools.checkpoint_config`)."""
+        subcommand = self.config["subcommand"]
+        model = self.config[subcommand].get("model")
+        found = check_checkpoint_config(model.as_dict() if model is not None else None, ckpt_path,
+                                        resuming=subcommand == "fit")
+        if found:
+            warn(f"{ckpt_path} was saved with other settings; this run uses the config's: {listed(found)}")
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--weights_from", type=str | None, default=None,
+            help="start the method's backbone (and its EMA) from the backbone weights of this maskdiff checkpoint, "
+                 "without its optimizer state, step or config (a weights-only start; --ckpt_path resumes a run)",
+        )
+
+    def after_instantiate_classes(self) -> None:
+        """Check the data against the method (image size, channels, classes) before any data is read, and start
+        from ``--weights_from``."""
+        config = self._subcommand_config()
+        if isinstance(self.model, MaskDiffModule) and self.datamodule is not None:
+            self.model.check_data(self.datamodule)
+        weights = config.get("weights_from")
+        if weights is None:
+            return
+        if not isinstance(self.model, MaskDiffModule):
+            raise UserError(f"--weights_from starts a method's backbone, but the model is {type(self.model).__name__}",
+                            hint="a fine-tune takes its backbone from --model.init_args.ckpt")
+        fresh = start_from_weights(self.model, weights)
+        print(f"backbone weights from {weights}; freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
 
     def _subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -90,6 +128,8 @@ class MaskDiffCLI(LightningCLI):
             warn(line)
         if choice.path is not None:
             self.config_init["fit"]["ckpt_path"] = str(choice.path)
+            if choice.path.is_file():
+                self.check_checkpoint(choice.path)
 
 
 class PreflightCLI(MaskDiffCLI):

@@ -9,9 +9,31 @@ from typing import Literal
 import torch
 
 from maskdiff.callbacks.sample_grid import grid_labels, save_grid
+from maskdiff.errors import UserError
 from maskdiff.files import ensure_writable_directory, image_format
+from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
+
+
+def sample_labels(module: MaskDiffModule, classes: list[int] | None, per_class: int) -> torch.Tensor | None:
+    """The grid's labels: each of ``classes`` (default: the first 10) ``per_class`` times, or ``None`` for an
+    unconditional model. A class id must lie in ``[0, num_classes)`` (``num_classes`` is the null label of
+    classifier-free guidance, not a class), and an unconditional model takes none."""
+    num_classes = module.backbone.num_classes
+    if not module.conditional:
+        if classes is not None:
+            raise UserError(f"--classes {classes}: this checkpoint's model is unconditional (num_classes 0)",
+                            hint="drop --classes; --num sets how many samples it draws")
+        return None
+    classes = classes if classes is not None else list(range(min(num_classes, 10)))
+    if not classes:
+        raise UserError("--classes is empty; give class ids such as [0,1,2] or leave it out")
+    outside = [label for label in classes if not 0 <= label < num_classes]
+    if outside:
+        null = f" ({num_classes} is the null label of classifier-free guidance)" if num_classes in outside else ""
+        raise UserError(f"--classes {outside} outside [0, {num_classes}): the model has {num_classes} classes{null}")
+    return grid_labels(classes, per_class)
 
 
 def sample(
@@ -42,7 +64,8 @@ def sample(
     Args:
         ckpt: maskdiff checkpoint (from ``fit`` or ``convert``).
         out: PNG path to write.
-        classes: classes, one row each (default: the first 10 classes; ignored by unconditional models).
+        classes: class ids in ``[0, num_classes)``, one row each (default: the first 10 classes; an
+            unconditional model takes none).
         per_class: samples per row.
         num: samples of an unconditional model.
         sampler: ``ddpm`` (ancestral, respaced) or ``ddim``; default: the checkpoint's.
@@ -60,16 +83,14 @@ def sample(
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to sample on.
     """
+    if per_class < 1 or num < 1:
+        raise UserError(f"--per_class and --num must be at least 1, got {per_class} and {num}")
     image_format(out)
     ensure_writable_directory(Path(out).expanduser().parent, "--out directory")
     module = load_method(ckpt, map_location=device).to(device).eval()
     if weights == "ema" and module.ema_backbone is None:
         print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
-    if module.conditional:
-        classes = classes if classes is not None else list(range(min(module.backbone.num_classes, 10)))
-        labels = grid_labels(classes, per_class)
-    else:
-        labels = None
+    labels = sample_labels(module, classes, per_class)
     sampling = build_sampling(module, sampler, steps, eta, cfg_scale, cfg_channels, cfg_schedule, cfg_power, preset)
     images = module.generate(
         labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 from maskdiff.autoencoders.vae import StableDiffusionVAE
+from maskdiff.errors import UserError
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.ddim import DDIMSampler
@@ -128,6 +129,20 @@ def sampler_record(sampler: Sampler, source: str) -> dict[str, Any]:
     }
 
 
+def guidance_for(module: MaskDiffModule, guidance: ClassifierFreeGuidance | None,
+                 source: str) -> ClassifierFreeGuidance | None:
+    """``guidance`` for ``module``: guidance asked for an unconditional model (on the command line or by a preset)
+    is a :class:`~maskdiff.errors.UserError`, as it would change nothing; a checkpoint's own guidance on one is
+    dropped (it never applies without labels)."""
+    if module.conditional or guidance is None or not guidance.active:
+        return guidance
+    if source == "checkpoint":
+        return None
+    raise UserError(f"classifier-free guidance ({describe_guidance(guidance)}, from the {source}) needs a "
+                    "class-conditional model, but this checkpoint's backbone is unconditional (num_classes 0)",
+                    hint="drop --cfg_scale (or choose a preset without guidance)")
+
+
 def build_sampling(
     module: MaskDiffModule,
     sampler: SamplerName | None = None,
@@ -160,6 +175,7 @@ def build_sampling(
     else:
         sampler_source = start_source or ("checkpoint" if module.sampler is not None else "default")
     guidance_source = (start_source or "checkpoint") if guidance is start_guidance else "command line"
+    guidance = guidance_for(module, guidance, guidance_source)
     description = f"{describe_sampler(chosen)}, {describe_guidance(guidance)}"
     record = {**sampler_record(chosen, sampler_source), "cfg": guidance_record(guidance, guidance_source)}
     if chosen_preset:
