@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from maskdiff.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, is_sharded_checkpoint, save_sharded
+from maskdiff.files import save_torch
 
 
 def _backbone_of(module: nn.Module) -> nn.Module:
@@ -115,7 +116,9 @@ class BackboneFSDPStrategy(FSDPStrategy):
         )
         self.activation_checkpointing = activation_checkpointing
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
         """Save atomically: a full checkpoint on rank 0 through the checkpoint IO, a sharded one from every rank
         into a temporary directory that rank 0 completes with the metadata file and renames into place."""
         if storage_options is not None:
@@ -128,16 +131,19 @@ class BackboneFSDPStrategy(FSDPStrategy):
                 self.checkpoint_io.save_checkpoint(checkpoint, path)
             return
         shards = {"model": checkpoint.pop("state_dict")}
-        shards.update({f"optimizer_{index}": state for index, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        optimizers = enumerate(checkpoint.pop("optimizer_states", []))
+        shards.update({f"optimizer_{index}": state for index, state in optimizers})
         save_sharded(path, write=lambda folder: _distributed_checkpoint_save(shards, folder),
-                     finish=lambda folder: torch.save(checkpoint, folder / _METADATA_FILENAME),
+                     finish=lambda folder: save_torch(checkpoint, folder / _METADATA_FILENAME),
                      barrier=self.barrier, broadcast=self.broadcast, is_writer=self.global_rank == 0)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's FSDP loading with ``weights_only=True``, after checking that the file or the sharded
         ``.metadata`` holds only data (Lightning reads them with unpicklers that would run pickled code)."""
         if weights_only is False:
-            raise ValueError(f"maskdiff loads checkpoints with weights_only=True only (no pickled code runs): {checkpoint_path}")
+            raise ValueError(
+                f"maskdiff loads checkpoints with weights_only=True only (no pickled code runs): {checkpoint_path}"
+            )
         path = Path(self.broadcast(str(checkpoint_path)))
         problem = checkpoint_problem(path) if path.exists() else None
         if problem is not None:
