@@ -11,6 +11,7 @@ import lightning
 import torch
 
 from maskdiff.errors import CheckpointError
+from maskdiff.files import save_torch
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.guards import first_nonfinite
 
@@ -85,11 +86,15 @@ def write_method_checkpoint(path: str | Path, class_path: str, init_args: dict[s
     """Write a checkpoint that :func:`load_method` (and ``LightningModule.load_from_checkpoint``) can rebuild.
 
     ``init_args`` is the method's config as the CLI would save it (components as ``class_path``/``init_args``).
+    Weights with a NaN or infinity are refused before anything is written; the file is written atomically.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    bad = first_nonfinite(state_dict)
+    if bad is not None:
+        raise ValueError(f"refusing to write {path}: the weights hold a NaN or infinity (first: {bad})")
     hparams = {"_class_path": class_path, "_instantiator": INSTANTIATOR, **init_args}
-    torch.save(
+    save_torch(
         {
             "state_dict": state_dict,
             "hyper_parameters": hparams,

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.methods import DiT
-from maskdiff.methods.checkpoints import load_method
+from maskdiff.methods.checkpoints import load_method, write_method_checkpoint
 from maskdiff.methods.guards import step_seed
 from maskdiff.objectives.base import ObjectiveOutput
 from maskdiff.tools.sample import sample
@@ -203,3 +203,13 @@ def test_an_empty_evaluation_batch_is_not_logged_as_a_nan_loss(tmp_path):
     results = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path).validate(tiny_method(), batches, verbose=False)
     assert torch.isfinite(torch.tensor(results[0]["val/loss"]))
+
+
+def test_nonfinite_weights_are_never_written_as_a_method_checkpoint(tmp_path):
+    state = tiny_method().state_dict()
+    name = next(iter(state))
+    state[name] = torch.full_like(state[name], float("inf"))
+    target = tmp_path / "converted.ckpt"
+    with pytest.raises(ValueError, match=rf"refusing to write {target}: the weights hold a NaN or infinity \(first: {re.escape(name)}\)"):
+        write_method_checkpoint(target, "maskdiff.methods.DiT", {}, state)
+    assert list(tmp_path.iterdir()) == []
