@@ -138,6 +138,7 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: 
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in weights.items() if k in own and v.shape != own[k].shape]
     if unexpected or mismatched:
-        raise ValueError(f"{path} does not fit this backbone: unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}")
+        found = ([f"unexpected {unexpected[:5]}"] if unexpected else []) + ([f"shape mismatches {mismatched[:5]}"] if mismatched else [])
+        raise ValueError(f"{path} does not fit this backbone: {', '.join(found)}")
     backbone.load_state_dict(weights, strict=False)
     return sorted(set(own) - set(weights))

@@ -22,7 +22,7 @@ from maskdiff.convert.mae import fold_pixel_normalization, mae_from_official
 from maskdiff.convert.mdt import convert_mdt_state_dict
 from maskdiff.convert.umd import convert_umd_params, load_big_vision_params
 from maskdiff.files import save_torch
-from maskdiff.methods.checkpoints import require_file, write_method_checkpoint
+from maskdiff.methods.checkpoints import read_checkpoint, require_file, write_method_checkpoint
 
 
 def generative_init_args(backbone_class: str, backbone_config: dict, guidance: dict, vae: str | None, vae_scale_factor: float) -> dict:
@@ -65,7 +65,7 @@ def dit(
         cfg_scale: default guidance scale stored with the model (DiT's FID setting: 1.5).
         cfg_channels: channels guided by default (the official code guides 3 of 4; null for all).
     """
-    official = torch.load(require_file(src, "DiT checkpoint"), map_location="cpu", weights_only=True)
+    official = read_checkpoint(require_file(src, "DiT checkpoint"), "expected a facebookresearch/DiT .pt file")
     state_dict, backbone_config = convert_dit_state_dict(official, num_heads=num_heads)
     guidance = {"scale": cfg_scale, "channels": cfg_channels}
     init_args = generative_init_args("maskdiff.backbones.DiT", backbone_config, guidance, vae, vae_scale_factor)
@@ -99,7 +99,7 @@ def mdt(
         cfg_power: power of the power-cosine guidance schedule (MDT's: 4).
         cfg_channels: channels guided by default (the official code guides 3 of 4; null for all).
     """
-    official = torch.load(require_file(src, "MDT checkpoint"), map_location="cpu", weights_only=True)
+    official = read_checkpoint(require_file(src, "MDT checkpoint"), "expected a sail-sg/MDT .pt file")
     state_dict, cls, backbone_config = convert_mdt_state_dict(official, decode_layer)
     guidance = {"scale": cfg_scale, "channels": cfg_channels, "schedule": "power_cosine", "power": cfg_power}
     init_args = generative_init_args(f"maskdiff.backbones.{cls.__name__}", backbone_config, guidance, vae, vae_scale_factor)
@@ -138,7 +138,7 @@ def mae(
             function exactly.
     """
     with _allow_train_args():
-        official = torch.load(require_file(src, "MAE checkpoint"), map_location="cpu", weights_only=True)
+        official = read_checkpoint(require_file(src, "MAE checkpoint"), "expected a facebookresearch/mae .pth file")
     model, backbone_config, decoder_loaded = mae_from_official(official, num_heads, decoder_num_heads)
     norm_pix = (not decoder_loaded) if norm_pix is None else norm_pix
     state_dict = model.state_dict()

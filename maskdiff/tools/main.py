@@ -31,6 +31,7 @@ from jsonargparse import CLI, ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from maskdiff.errors import UserError
+from maskdiff.files import WriteError
 from maskdiff.tools.convert import CONVERTERS
 from maskdiff.tools.evaluate import evaluate
 from maskdiff.tools.inpaint import inpaint
@@ -77,8 +78,9 @@ def usage() -> str:
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
-               ArgumentError, MisconfigurationException)
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+               WriteError, ArgumentError, MisconfigurationException)
+PATH_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
+               errno.EDQUOT, errno.EROFS)
 WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
 PARSER_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>", WRAPPERS[0])
 MAX_MESSAGE = 1000
@@ -92,7 +94,7 @@ def user_mistake(error: BaseException) -> BaseException | None:
         return error
     while not isinstance(error, UserError) and error.__cause__ is not None and str(error).startswith(WRAPPERS):
         error = error.__cause__
-    if isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in FULL_DISK):
+    if isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in PATH_ERRNOS):
         return error
     return None
 

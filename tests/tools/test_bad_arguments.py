@@ -125,6 +125,14 @@ def test_an_unreadable_checkpoint_names_the_file_and_what_was_expected(tmp_path,
         load_backbone_weights(DiTBackbone(**TINY), path)
 
 
+@pytest.mark.parametrize("kind,expected", [("dit", "a facebookresearch/DiT .pt file"), ("mdt", "a sail-sg/MDT .pt file"),
+                                           ("mae", "a facebookresearch/mae .pth file")])
+def test_convert_names_an_unreadable_official_file(tmp_path, kind, expected):
+    (tmp_path / "official.pt").write_text("<html>404</html>")
+    with pytest.raises(CheckpointError, match=rf"official.pt as a checkpoint: it is not a torch file .*; expected {expected}"):
+        main(["convert", kind, str(tmp_path / "official.pt"), str(tmp_path / "out.ckpt")])
+
+
 def test_a_ckpt_path_of_another_model_is_refused_listing_the_keys(tmp_path):
     config, _ = config_in(tmp_path)
     mae_like = lightning_checkpoint(tmp_path / "mae.ckpt", class_path="maskdiff.methods.MAE")

@@ -12,6 +12,7 @@ from jsonargparse import ArgumentError
 
 from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.errors import UserError
+from maskdiff.files import WriteError
 from maskdiff.methods import DiT
 from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.tools import main as entry
@@ -130,6 +131,8 @@ def wrapped(cause: BaseException) -> ValueError:
     (OSError(28, "No space left on device writing last.ckpt (free: 0 B)"),
      ["maskdiff: error: [Errno 28] No space left on device writing last.ckpt (free: 0 B)"]),
     (OSError(5, "Input/output error"), None),
+    (WriteError(2, "--out directory /proc/x is not writable: No such file or directory"),
+     ["maskdiff: error: --out directory /proc/x is not writable: No such file or directory"]),
     (PermissionError("cannot write to /runs: permission denied"), ["maskdiff: error: cannot write to /runs: permission denied"]),
     (ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                 "  File \"x.py\", line 1, in f\nValueError: shard /d/x-000.tar yields no sample"),
