@@ -12,7 +12,8 @@
 
 ``python -m maskdiff.tools.main`` (or ``python -m maskdiff.tools``) is the same command, e.g. under ``torchrun``.
 
-A mistake of the user (a config value, a path, a checkpoint, data, an argument) is printed as one line,
+A mistake of the user (a config value, a path, a checkpoint, data, an argument; also a run stopped by the
+non-finite guards) is printed as one line,
 ``maskdiff: error: <message>`` (and at most one ``hint:`` line), with exit code 2 and no traceback;
 ``MASKDIFF_DEBUG=1`` shows the traceback. A bug (any other exception) shows its traceback.
 """
@@ -78,7 +79,7 @@ def usage() -> str:
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
-               WriteError, ArgumentError, MisconfigurationException)
+               WriteError, FloatingPointError, ArgumentError, MisconfigurationException)
 PATH_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
                errno.EDQUOT, errno.EROFS)
 WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")

@@ -131,6 +131,8 @@ def wrapped(cause: BaseException) -> ValueError:
     (OSError(28, "No space left on device writing last.ckpt (free: 0 B)"),
      ["maskdiff: error: [Errno 28] No space left on device writing last.ckpt (free: 0 B)"]),
     (OSError(5, "Input/output error"), None),
+    (FloatingPointError("non-finite loss nan in optimizer step 7; stopped before the optimizer step"),
+     ["maskdiff: error: non-finite loss nan in optimizer step 7; stopped before the optimizer step"]),
     (WriteError(2, "--out directory /proc/x is not writable: No such file or directory"),
      ["maskdiff: error: --out directory /proc/x is not writable: No such file or directory"]),
     (PermissionError("cannot write to /runs: permission denied"), ["maskdiff: error: cannot write to /runs: permission denied"]),
