@@ -2,8 +2,9 @@
 
 The config builds the model and ``--ckpt_path`` restores its state: a checkpoint of another method class or another
 backbone is refused before anything is built, listing the differing keys, and the other settings in which the
-checkpoint differs are named in one warning (the config's are used). A weights-only start from another run's
-backbone is ``--weights_from FILE`` (:func:`~maskdiff.methods.checkpoints.start_from_weights`).
+checkpoint differs are named in one warning (the model is built with the config's; the optimizer and scheduler
+state still come from the checkpoint). A weights-only start from another run's backbone is ``--weights_from FILE``
+(:func:`~maskdiff.methods.checkpoints.start_from_weights`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from maskdiff.checkpoint_io import use_atomic_checkpoints
 from maskdiff.errors import UserError
@@ -70,7 +70,8 @@ class MaskDiffCLI(LightningCLI):
         found = check_checkpoint_config(model.as_dict() if model is not None else None, ckpt_path,
                                         resuming=subcommand == "fit")
         if found:
-            warn(f"{ckpt_path} was saved with other settings; this run uses the config's: {listed(found)}")
+            warn(f"{ckpt_path} was saved with other settings; the model is built with the config's (the optimizer and "
+                 f"scheduler state, learning rates included, come from the checkpoint): {listed(found)}")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -92,7 +93,7 @@ class MaskDiffCLI(LightningCLI):
             raise UserError(f"--weights_from starts a method's backbone, but the model is {type(self.model).__name__}",
                             hint="a fine-tune takes its backbone from --model.init_args.ckpt")
         fresh = start_from_weights(self.model, weights)
-        print(f"backbone weights from {weights}; freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
+        rank_zero_info(f"backbone weights from {weights}; freshly initialised: {', '.join(fresh) or 'nothing'}")
 
     def _subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config

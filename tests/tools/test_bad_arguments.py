@@ -174,7 +174,8 @@ def test_resuming_keeps_the_configs_settings_and_says_which_differ(tmp_path, dit
     cli = MaskDiffCLI(args=["fit", "--config", str(config), "--ckpt_path", str(dit_ckpt), "--trainer.max_steps", "4",
                             "--trainer.limit_val_batches", "0", "--model.init_args.ema_decay", "0.5"])
     assert cli.model.ema_decay == 0.5 and cli.trainer.global_step == 4
-    assert "this run uses the config's: model.init_args.ema_decay: config 0.5, checkpoint 0.99" in capsys.readouterr().err
+    assert "model is built with the config's (the optimizer and scheduler state, learning rates included, come from " \
+           "the checkpoint): model.init_args.ema_decay: config 0.5, checkpoint 0.99" in capsys.readouterr().err
 
 
 def test_weights_from_starts_the_backbone_and_its_ema_from_another_run(tmp_path):
