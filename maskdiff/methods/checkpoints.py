@@ -52,7 +52,8 @@ def read_checkpoint(path: str | Path, expected: str = EXPECTED, mmap: bool = Fal
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 -- torch raises many kinds for a file that is not a checkpoint
-        raise CheckpointError(f"cannot read {path} as a checkpoint: {unreadable_reason(path, error)}; {expected}") from error
+        reason = unreadable_reason(path, error)
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {reason}; {expected}") from error
 
 
 def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -138,7 +139,8 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, use_ema: 
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in weights.items() if k in own and v.shape != own[k].shape]
     if unexpected or mismatched:
-        found = ([f"unexpected {unexpected[:5]}"] if unexpected else []) + ([f"shape mismatches {mismatched[:5]}"] if mismatched else [])
+        found = [f"unexpected {unexpected[:5]}"] if unexpected else []
+        found += [f"shape mismatches {mismatched[:5]}"] if mismatched else []
         raise ValueError(f"{path} does not fit this backbone: {', '.join(found)}")
     backbone.load_state_dict(weights, strict=False)
     return sorted(set(own) - set(weights))

@@ -33,7 +33,8 @@ def saved_model(path: str | Path, resuming: bool = False) -> dict[str, Any] | No
     expected = "expected a checkpoint written by `maskdiff fit`"
     checkpoint = read_checkpoint(path, expected, mmap=True)
     if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(checkpoint):
-        found = f"keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = (f"keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds {found}, no state_dict and "
                               f"pytorch-lightning_version); {expected}",
                               hint="import official weights with `maskdiff convert`, then start from them with "
@@ -53,7 +54,8 @@ def differences(config_model: dict[str, Any], saved: dict[str, Any]) -> dict[str
     ``model.init_args.backbone.init_args.hidden_size``, ...); a key only one of them has (an option added since)
     is no difference."""
     config, checkpoint = flatten(config_model, "model"), flatten(saved, "model")
-    return {key: (config[key], checkpoint[key]) for key in config if key in checkpoint and config[key] != checkpoint[key]}
+    return {key: (config[key], checkpoint[key]) for key in config
+            if key in checkpoint and config[key] != checkpoint[key]}
 
 
 def listed(found: dict[str, tuple[Any, Any]]) -> str:

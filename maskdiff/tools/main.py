@@ -83,7 +83,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
 PATH_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
                errno.EDQUOT, errno.EROFS)
 WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
-PARSER_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>", WRAPPERS[0])
+PARSER_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>",
+                WRAPPERS[0])
 MAX_MESSAGE = 1000
 
 
@@ -125,7 +126,8 @@ def report(error: BaseException, command: str | None = None) -> list[str] | None
     lines = [f"maskdiff: error: {one_line(str(mistake))}"]
     hint = mistake.hint if isinstance(mistake, UserError) else None
     if hint is None and isinstance(mistake, ArgumentError):
-        hint = f"maskdiff {command} --help lists its options" if command in COMMANDS else "maskdiff --help lists the commands"
+        listing = f"maskdiff {command} --help" if command in COMMANDS else None
+        hint = f"{listing} lists its options" if listing else "maskdiff --help lists the commands"
     return lines + ([f"hint: {one_line(hint)}"] if hint else [])
 
 
