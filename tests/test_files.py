@@ -28,6 +28,8 @@ from maskdiff.files import (
     writable_directory_problem,
     write_json,
 )
+from maskdiff.inpainting.video import write_animation
+from maskdiff.methods.checkpoints import write_method_checkpoint
 from tests.faults import fill_disk_after, leftovers, small_tmpfs
 
 
@@ -164,3 +166,30 @@ def test_a_read_only_mount_is_unwritable(tmp_path):
         assert problem == f"--out directory {mount}/out is not writable: Read-only file system (at {mount})"
         with pytest.raises(WriteError, match="Read-only file system"):
             save_npz(mount / "samples.npz", np.zeros(3))
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_a_full_disk_keeps_the_previous_animation(tmp_path, suffix):
+    frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), np.uint8)
+    with small_tmpfs(tmp_path / "disk", "96k") as disk:
+        target = disk / f"clip{suffix}"
+        write_animation(frames[:2, :16, :16], target)
+        before = target.read_bytes()
+        big = np.random.default_rng(1).integers(0, 255, (64, 256, 256, 3), np.uint8)
+        with pytest.raises((WriteError, OSError)) as failure:
+            write_animation(big, target)
+        assert str(target) in str(failure.value) or failure.value.errno == errno.ENOSPC
+        assert target.read_bytes() == before
+        assert leftovers(disk) == []
+
+
+def test_a_full_disk_keeps_the_previous_converted_checkpoint(tmp_path, monkeypatch):
+    state = {"backbone.weight": torch.ones(100_000)}
+    target = tmp_path / "converted.ckpt"
+    write_method_checkpoint(target, "maskdiff.methods.DiT", {}, state)
+    before = target.read_bytes()
+    fill_disk_after(monkeypatch, limit=1000)
+    with pytest.raises(WriteError, match="No space left on device"):
+        write_method_checkpoint(target, "maskdiff.methods.DiT", {}, {"backbone.weight": torch.zeros(100_000)})
+    assert target.read_bytes() == before
+    assert leftovers(tmp_path) == []
