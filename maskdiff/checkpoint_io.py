@@ -95,13 +95,21 @@ def save_sharded(path: str | Path, write: Callable[[Path], None], finish: Callab
         barrier()
 
 
-def _reason(error: BaseException) -> str:
-    """``error`` of a load in one line: the weights-only unpickler's own reason (not torch's advice to load the file
-    unsafely), else the first line of the message."""
+def weights_only_refusal(error: BaseException) -> str | None:
+    """The weights-only unpickler's own reason for refusing a file, in one line (not torch's advice to load the file
+    unsafely), or ``None`` when ``error`` is not such a refusal."""
     text = str(error)
-    if "WeightsUnpickler error:" in text:
-        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
-        return f"UnpicklingError: it pickles more than tensors and plain data ({detail})"
+    if "WeightsUnpickler error:" not in text:
+        return None
+    return " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
+
+
+def _reason(error: BaseException) -> str:
+    """``error`` of a load in one line: the weights-only refusal, else the first line of the message."""
+    refusal = weights_only_refusal(error)
+    if refusal is not None:
+        return f"UnpicklingError: it pickles more than tensors and plain data ({refusal})"
+    text = str(error)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning
 import torch
 
+from maskdiff.checkpoint_io import weights_only_refusal
 from maskdiff.errors import CheckpointError
 from maskdiff.files import save_torch
 from maskdiff.methods.base import MaskDiffModule
@@ -36,10 +37,10 @@ def unreadable_reason(path: Path, error: Exception) -> str:
         return "the file is empty (0 bytes)"
     if not head.startswith((b"PK", b"\x80")):
         return f"it is not a torch file (it begins with {head!r})"
+    refusal = weights_only_refusal(error)
+    if refusal is not None:
+        return f"it pickles more than tensors and plain data, which weights-only loading refuses ({refusal})"
     text = str(error)
-    if "WeightsUnpickler error:" in text:
-        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
-        return f"it pickles more than tensors and plain data, which weights-only loading refuses ({detail})"
     if "PytorchStreamReader failed" in text or not text.strip():
         return f"its {path.stat().st_size} bytes are not a complete torch archive (truncated or overwritten?)"
     return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
