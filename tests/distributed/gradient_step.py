@@ -141,3 +141,8 @@ if __name__ == "__main__":
     world_size = int(os.environ["WORLD_SIZE"])  # Lightning's teardown removes it from the environment
     for name in sys.argv[2:]:
         run(name, world_size, Path(sys.argv[1]))
+    # Both ranks leave together: a rank that exits while the other still holds gloo connections can abort it
+    # ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
