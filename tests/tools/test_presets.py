@@ -11,11 +11,10 @@ from maskdiff.methods.checkpoints import load_method, write_method_checkpoint
 from maskdiff.samplers import DDIMSampler, DDPMSampler
 from maskdiff.tools.main import main
 from maskdiff.tools.sampling import build_sampling
+from tests.tools.test_sampling import TINY_DIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_DIT = {"input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 32, "depth": 1, "num_heads": 2,
-            "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
