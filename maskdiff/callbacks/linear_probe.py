@@ -11,7 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.evaluation.features import method_schedule
 from maskdiff.evaluation.linear_probe import linear_head
+from maskdiff.modes import evaluating
 
 
 class OnlineLinearProbe(L.Callback):
@@ -100,8 +102,7 @@ class OnlineLinearProbe(L.Callback):
         pooling = self.pooling or backbone.default_pooling
         spec = FeatureSpec(pooling=pooling, depth=self.depth, timestep=self.timestep, use_ema=False, noise_t=self.noise_t,
                            noise_seed=self.noise_seed)
-        corruption = getattr(pl_module, "corruption", None)
-        self.spec = resolve_spec(backbone, spec, corruption.model_time_offset if corruption is not None else 0)
+        self.spec = resolve_spec(backbone, spec, method_schedule(pl_module)[1])
         top5 = min(5, self.num_classes)
         self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
@@ -138,16 +139,11 @@ class OnlineLinearProbe(L.Callback):
         backbones: pooled over space and time) from the live backbone in eval mode; ``generator`` draws the noise of
         a ``noise_t`` probe."""
         backbone = pl_module.backbone
-        corruption = getattr(pl_module, "corruption", None)
-        schedule = corruption.schedule if corruption is not None else None
+        schedule = method_schedule(pl_module)[0]
         devices = [images.device] if images.device.type == "cuda" else []
-        was_training = backbone.training
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
-            backbone.eval()
-            try:
-                return backbone_features(backbone, pl_module.batch_tokens(images), self.spec, schedule, generator).float()
-            finally:
-                backbone.train(was_training)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context(), \
+                evaluating(backbone):
+            return backbone_features(backbone, pl_module.batch_tokens(images), self.spec, schedule, generator).float()
 
     @staticmethod
     def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
 from maskdiff.diffusion.schedules import NoiseSchedule
 from maskdiff.methods.base import MaskDiffModule
+from maskdiff.modes import evaluating
 
 
 def resolve_backbone(module_or_backbone: MaskDiffModule | Backbone, use_ema: bool = True) -> Backbone:
@@ -64,13 +65,9 @@ def extract_features(
     spec = resolve_method_spec(module_or_backbone, spec)
     schedule = method_schedule(module_or_backbone)[0]
     device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with evaluating(backbone):
         tokens = images_to_tokens(module_or_backbone, images.to(device))
         return backbone_features(backbone, tokens, spec, schedule, generator).float()
-    finally:
-        backbone.train(was_training)
 
 
 def extract_dataset_features(
