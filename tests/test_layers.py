@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskdiff"
 
 # docs/architecture.md draws the same layers.
 LAYERS = [
-    {"diffusion", "modes", "optim", "autoencoders", "files", "checkpoint_io", "errors"},
+    {"diffusion", "modes", "optim", "autoencoders", "files", "checkpoint_io", "errors", "progress"},
     {"corruption", "data", "scale"},
     {"backbones", "objectives", "launch"},
     {"samplers"},
