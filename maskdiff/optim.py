@@ -8,12 +8,32 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-class WarmupCosineLR(LambdaLR):
+class RunLengthSchedule:
+    """A schedule whose length, ``total_steps``, may follow the run's: ``None`` until :meth:`follow_run` sets it
+    to the trainer's number of optimizer steps (``with_scheduler`` does, in ``configure_optimizers``)."""
+
+    total_steps: int | None
+
+    def follow_run(self, run_steps: int, source: str) -> str | None:
+        """Set ``total_steps`` to ``run_steps`` when it is ``None``; returns a warning line when it was set
+        explicitly (> 0) to another number (``source`` names where ``run_steps`` came from), else ``None``."""
+        if self.total_steps is None:
+            self.total_steps = run_steps
+            return None
+        if 0 < self.total_steps != run_steps:
+            return (f"the learning-rate schedule's total_steps {self.total_steps} differs from the run's {run_steps} "
+                    f"steps ({source}); it keeps {self.total_steps} (total_steps: null follows the trainer)")
+        return None
+
+
+class WarmupCosineLR(RunLengthSchedule, LambdaLR):
     """Linear warmup from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr_ratio`` at ``total_steps``.
 
     Optimizer step ``k`` (from 0) trains at ``(k + warmup_offset) / warmup_steps`` of the peak while
     ``k < warmup_steps``, then at ``min + (1 - min)·½(1 + cos(π·(k - warmup)/(total - warmup)))``.
-    ``total_steps = 0`` keeps the rate constant after warmup (DiT's constant learning rate).
+    ``total_steps = 0`` keeps the rate constant after warmup (DiT's constant learning rate); ``None`` (the default)
+    follows the trainer: ``trainer.max_steps``, else ``trainer.estimated_stepping_batches``
+    (:meth:`RunLengthSchedule.follow_run`).
 
     Args:
         warmup_offset: 1 (default) starts at ``1 / warmup_steps``; 0 starts at 0, as
@@ -25,12 +45,15 @@ class WarmupCosineLR(LambdaLR):
         self,
         optimizer: torch.optim.Optimizer,
         warmup_steps: int = 0,
-        total_steps: int = 0,
+        total_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         warmup_offset: int = 1,
     ) -> None:
         if warmup_offset not in (0, 1):
             raise ValueError(f"warmup_offset must be 0 or 1, got {warmup_offset!r}")
+        if total_steps is not None and total_steps < 0:
+            raise ValueError(f"total_steps must be >= 0 (0: constant after warmup) or null (follow the trainer), "
+                             f"got {total_steps}")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
@@ -40,7 +63,7 @@ class WarmupCosineLR(LambdaLR):
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + self.warmup_offset) / self.warmup_steps
-        if self.total_steps <= self.warmup_steps:
+        if self.total_steps is None or self.total_steps <= self.warmup_steps:
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -13,23 +13,23 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from maskdiff.checkpoint_io import use_atomic_checkpoints
 from maskdiff.errors import UserError
-from maskdiff.launch.directories import require_writable_directories, run_directories
+from maskdiff.launch.directories import require_writable_directories, root_checkpoint_directories, run_directories
 from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
-from maskdiff.launch.resume import newest_resume_checkpoint, slurm_resume_checkpoint
+from maskdiff.launch.resume import (
+    newest_resume_checkpoint,
+    refuse_occupied_checkpoint_directories,
+    slurm_resume_checkpoint,
+)
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.checkpoints import start_from_weights
+from maskdiff.methods.training import warn
 from maskdiff.tools.checkpoint_config import check_checkpoint_config, listed
-
-
-@rank_zero_only
-def warn(message: str) -> None:
-    """Print ``warning: message`` to stderr, once (rank 0)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MaskDiffCLI(LightningCLI):
@@ -79,6 +79,8 @@ class MaskDiffCLI(LightningCLI):
             help="start the method's backbone (and its EMA) from the backbone weights of this maskdiff checkpoint, "
                  "without its optimizer state, step or config (a weights-only start; --ckpt_path resumes a run)",
         )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def after_instantiate_classes(self) -> None:
         """Check the data against the method (image size, channels, classes) before any data is read, and start
@@ -99,18 +101,29 @@ class MaskDiffCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Lightning's trainer, saving checkpoints atomically (:func:`~maskdiff.checkpoint_io.use_atomic_checkpoints`)."""
+        """Lightning's trainer, saving checkpoints atomically (:func:`~maskdiff.checkpoint_io.use_atomic_checkpoints`),
+        with ``lr_monitor`` (the learning rates logged as ``lr-<Optimizer>``) unless there is no logger or
+        ``trainer.callbacks`` has its own ``LearningRateMonitor``."""
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
+        monitor = self._subcommand_config_init().get("lr_monitor")
+        monitors = [callback for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor)]
+        if monitor is not None and (not trainer.loggers or len(monitors) > 1):
+            trainer.callbacks.remove(monitor)
         return trainer
+
+    def _subcommand_config_init(self):
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
     def before_instantiate_classes(self) -> None:
         """``fit``: inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building
         anything (errors exit with code 2, warnings are printed); then create the run, checkpoint and log directories,
-        an ``OSError`` naming the first that cannot be written."""
+        an ``OSError`` naming the first that cannot be written. A ``ModelCheckpoint`` without ``dirpath`` writes into
+        ``<trainer.default_root_dir>/checkpoints`` (:func:`~maskdiff.launch.directories.root_checkpoint_directories`)."""
         if self.subcommand != "fit":
             return
         config = self._subcommand_config()
+        root_checkpoint_directories(config)
         if "SLURM_JOB_ID" in os.environ or LaunchConfig.from_config(config).slurm_plugin:
             findings = run_preflight(config, launching=True)
             if any(finding.severity == "error" for finding in findings):
@@ -120,13 +133,17 @@ class MaskDiffCLI(LightningCLI):
     def before_fit(self) -> None:
         """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads,
         saying which newer ones were skipped and why; without ``--ckpt_path`` in a SLURM job, the newest
-        ``hpc_ckpt_*.ckpt`` that loads (Lightning would take the highest, loadable or not)."""
+        ``hpc_ckpt_*.ckpt`` that loads (Lightning would take the highest, loadable or not). A run that resumes nothing
+        refuses a checkpoint directory that holds checkpoints already (:func:`~maskdiff.launch.resume.
+        refuse_occupied_checkpoint_directories`)."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path not in ("last", None):
             return
         choice = newest_resume_checkpoint(self.trainer) if ckpt_path == "last" else slurm_resume_checkpoint(self.trainer)
         for line in choice.describe():
             warn(line)
+        if ckpt_path is None and choice.path is None:
+            refuse_occupied_checkpoint_directories(self.trainer)
         if choice.path is not None:
             self.config_init["fit"]["ckpt_path"] = str(choice.path)
             if choice.path.is_file():
@@ -140,5 +157,6 @@ class PreflightCLI(MaskDiffCLI):
         """The preflight reports a missing checkpoint with the other problems and never loads one."""
 
     def before_instantiate_classes(self) -> None:
+        root_checkpoint_directories(self._subcommand_config())
         findings = run_preflight(self._subcommand_config(), launching=False, stream=sys.stdout)
         sys.exit(2 if any(finding.severity == "error" for finding in findings) else 0)
