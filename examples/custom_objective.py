@@ -11,8 +11,12 @@ Usage (the embedded digits, on CPU; any ``maskdiff fit`` flag can be appended):
     python examples/custom_objective.py objective --trainer.max_steps 200
     python examples/custom_objective.py block --trainer.max_steps 200
 
-In YAML, the objective is ``objective: {class_path: custom_objective.VelocityLoss}``, with ``examples/`` importable
-(run from ``examples/`` or put it on ``PYTHONPATH``); a backbone for it outputs one part (``learn_sigma: false``).
+In YAML, the objective is ``objective: {class_path: custom_objective.VelocityLoss}``; a backbone for it outputs one
+part (``learn_sigma: false``). The ``maskdiff`` command puts the working directory on ``sys.path`` (as ``python -m``
+does), so from ``examples/`` (or wherever your own module lies) no ``PYTHONPATH`` is needed:
+
+    cd examples && maskdiff fit --config ../configs/quickstart.yaml --trainer.default_root_dir runs/velocity \
+        --model.init_args.objective custom_objective.VelocityLoss --model.init_args.backbone.init_args.learn_sigma false
 """
 
 from __future__ import annotations
@@ -65,11 +69,13 @@ RUNS = {
         "--model.init_args.backbone.init_args.learn_sigma", "false",
         "--model.init_args.objective", f"{__name__}.VelocityLoss",
         "--trainer.logger.init_args.name", "custom_objective",
+        "--trainer.default_root_dir", "runs/custom_objective",  # its checkpoints: runs/custom_objective/checkpoints
     ],
     "block": [
         "--config", str(CONFIGS / "mae" / "mae_digits.yaml"),
         "--config", str(CONFIGS / "maskers" / "block.yaml"),
         "--trainer.logger.init_args.name", "mae_block_masking",
+        "--trainer.default_root_dir", "runs/mae_block_masking",
     ],
 }
 

@@ -3,6 +3,11 @@
 A checkpoint directory that cannot be written would otherwise be found at the first save, after the data was read
 and the first steps trained. ``fit`` stops on the first unwritable one (:func:`require_writable_directories`, before
 the model is built); the preflight lists each as an error finding.
+
+A ``ModelCheckpoint`` without a ``dirpath`` writes into the run's directory, ``<trainer.default_root_dir>/checkpoints``
+(:func:`root_checkpoint_directories`), so a run renamed by an overlay or ``--trainer.default_root_dir`` keeps its
+checkpoints apart from the base config's, and the directory is the same at every restart of the run (Lightning's own
+default, the logger's ``version_N/checkpoints``, is new at every start, so ``--ckpt_path last`` would find nothing).
 """
 
 from __future__ import annotations
@@ -23,11 +28,29 @@ def _listed(value: Any) -> list:
 
 
 def _class_name(component: Any) -> str:
-    return str(component.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(component, Mapping) else ""
+    if isinstance(component, (Mapping, Namespace)):
+        return str(component.get("class_path", "")).rsplit(".", 1)[-1]
+    return ""
 
 
 def _init_args(component: Any) -> Mapping[str, Any]:
     return (component.get("init_args") or {}) if isinstance(component, Mapping) else {}
+
+
+CHECKPOINT_SUBDIRECTORY = "checkpoints"
+
+
+def root_checkpoint_directories(config: Namespace) -> None:
+    """Set the ``dirpath`` of every ``ModelCheckpoint`` of the parsed ``fit`` config's ``trainer.callbacks`` that
+    has none to ``<trainer.default_root_dir (else the working directory)>/checkpoints``, in place."""
+    trainer = config.get("trainer")
+    if trainer is None:
+        return
+    root = str(trainer.get("default_root_dir") or os.getcwd())
+    for callback in _listed(trainer.get("callbacks")):
+        init_args = callback.get("init_args") if isinstance(callback, Namespace) else None
+        if _class_name(callback) == "ModelCheckpoint" and init_args is not None and init_args.get("dirpath") is None:
+            init_args["dirpath"] = os.path.join(root, CHECKPOINT_SUBDIRECTORY)
 
 
 def run_directories(config: Namespace | Mapping[str, Any]) -> list[tuple[str, str]]:

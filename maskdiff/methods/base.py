@@ -42,6 +42,10 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
         guidance: classifier-free guidance used by :meth:`generate`.
         autoencoder: maps images to the modelled space (``None`` = pixels).
         ema_decay: decay of the exponential moving average of the backbone (``None`` disables EMA).
+        ema_warmup_power: ``None``: ``ema_decay`` from the first update; a power (e.g. 0.75): timm's warm-up
+            ``min(ema_decay, 1 - (1 + (n - 1) / ema_warmup_gamma) ** -power)`` at update ``n``
+            (:mod:`~maskdiff.methods.ema`).
+        ema_warmup_gamma: the warm-up's step scale (timm's ``warmup_gamma``).
         clip_x0: clamp x̂0 while sampling (1.0 for pixels in [-1, 1]; ``None`` for latents).
         inpainting: ``repaint``, ``hidden_chain`` or ``reconstruct`` (:mod:`maskdiff.methods.inpainting`); ``None``:
             the method's own (``default_inpainting``), or none for a method that cannot generate.
@@ -60,6 +64,8 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
         guidance: ClassifierFreeGuidance | None = None,
         autoencoder: Autoencoder | None = None,
         ema_decay: float | None = 0.9999,
+        ema_warmup_power: float | None = None,
+        ema_warmup_gamma: float = 1.0,
         clip_x0: float | None = None,
         inpainting: InpaintingMode | None = None,
         **kwargs,
@@ -84,7 +90,7 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
         self._weight_decayed: dict[int, bool] | None = None
         # Set by setup() from the datamodule's ``pre_encoded``: batches are latents, not images.
         self.inputs_pre_encoded = False
-        self.init_ema(backbone, ema_decay)
+        self.init_ema(backbone, ema_decay, ema_warmup_power, ema_warmup_gamma)
 
     # ------------------------------------------------------------------------------------------ data flow
     @property
@@ -234,6 +240,7 @@ class MaskDiffModule(TrainingOptions, BackboneEMA, Generation, Inpainting):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with one message naming the first mismatch. FSDP
         checkpoints carry no ``state_dict`` here (the strategy loads the weights itself, strictly)."""
+        super().on_load_checkpoint(checkpoint)
         if "state_dict" not in checkpoint:
             return
         expected = self.state_dict()

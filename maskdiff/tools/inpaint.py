@@ -41,6 +41,7 @@ from maskdiff.inpainting.video import (
 )
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.checkpoints import load_method
+from maskdiff.progress import sampling_progress
 from maskdiff.tools.sampling import ONE_STEP, Sampling, build_sampling, describe_guidance, describe_sampler
 
 Models = list[tuple[MaskDiffModule, str]]
@@ -85,6 +86,14 @@ def draws_for(module: MaskDiffModule, samples: int) -> int:
     return samples
 
 
+def chain_progress(module: MaskDiffModule, hidden: torch.Tensor, sampling: Sampling, name: str,
+                   enabled: bool | None):
+    """``(bar, callback)`` over the sampling steps ``module`` runs to inpaint the token mask ``hidden (B, N)``; no bar
+    for a one-pass reconstruction."""
+    steps = module.inpainting_steps(hidden, sampling.sampler)
+    return sampling_progress(steps, f"inpainting with {name}", enabled if steps else False)
+
+
 def random_mask_note(mask_ratio: float, masker: Masker | None) -> str:
     return f"ratio {mask_ratio}" if masker is None else f"ratio {mask_ratio}, {masker!r}"
 
@@ -113,6 +122,7 @@ def inpaint(
     seed: int = 0,
     weights: Literal["ema", "raw"] = "ema",
     device: str = "cpu",
+    progress: bool | None = None,
 ) -> str:
     """Inpaint one image (a PNG panel) or one video clip (an animated GIF/MP4 and a frame strip PNG).
 
@@ -167,6 +177,8 @@ def inpaint(
         seed: seeds the random mask and the sampling noise (the same for both checkpoints of a comparison).
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to run on.
+        progress: a bar of each model's sampling steps on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
     if (image is None) == (video is None):
         raise ValueError("pass exactly one of --image (an image or digits:IDX) and --video (a clip, frames folder or moving_digits:IDX)")
@@ -188,8 +200,10 @@ def inpaint(
     for model, path in models:
         if weights == "ema" and model.ema_backbone is None:
             print(f"note: {path} has no EMA weights; inpainting with the raw weights", file=sys.stderr)
+        elif weights == "ema" and model.young_ema_note() is not None:
+            print(f"warning: {path}: {model.young_ema_note()}", file=sys.stderr)
     options = {"sampler": sampler, "steps": steps, "eta": eta}
-    settings = {"seed": seed, "weights": weights, "masker": masker}
+    settings = {"seed": seed, "weights": weights, "masker": masker, "progress": progress}
     if video is not None:
         return inpaint_video(models, video, out, mask, mask_kind or "tube",
                              0.9 if mask_ratio is None else mask_ratio, box, side, future_frames, start_frame, fps,
@@ -201,7 +215,7 @@ def inpaint(
 
 def inpaint_image(models: Models, image: str, out: str, mask: str | None, mask_kind: str, mask_ratio: float,
                   box: list[float] | None, side: str, label: int | None, samples: int, options: dict[str, Any], *,
-                  seed: int, weights: str, masker: Masker | None) -> str:
+                  seed: int, weights: str, masker: Masker | None, progress: bool | None) -> str:
     """The image half of :func:`inpaint`; ``options`` go to :func:`build_sampling` for each model."""
     module, ckpt = models[0]
     if module.patchifier.frames is not None:
@@ -236,12 +250,15 @@ def inpaint_image(models: Models, image: str, out: str, mask: str | None, mask_k
         conditioned = model.conditional and label is not None
         draws = draws_for(model, samples)
         sampling = build_sampling(model, **options)
-        results = model.inpaint(
-            picture.expand(draws, -1, -1, -1), pixel_mask, torch.full((draws,), label) if conditioned else None,
-            sampler=sampling.sampler, guidance=sampling.guidance, generator=torch.Generator().manual_seed(seed),
-            use_ema=weights == "ema",
-        ).cpu()
-        rows.append((model_label(model, path, models), torch.cat([picture[None], greyed[None], results])))
+        name = model_label(model, path, models)
+        bar, advance = chain_progress(model, tokens, sampling, name, progress)
+        with bar:
+            results = model.inpaint(
+                picture.expand(draws, -1, -1, -1), pixel_mask, torch.full((draws,), label) if conditioned else None,
+                sampler=sampling.sampler, guidance=sampling.guidance, generator=torch.Generator().manual_seed(seed),
+                use_ema=weights == "ema", callback=advance,
+            ).cpu()
+        rows.append((name, torch.cat([picture[None], greyed[None], results])))
         notes.append(f"{type(model).__name__}: {'label ' + str(label) if conditioned else 'unconditional'}, {draws} result(s), "
                      f"{sampling_note(sampling, seed, conditioned)}")
     if len(rows) == 1:
@@ -259,7 +276,7 @@ def inpaint_image(models: Models, image: str, out: str, mask: str | None, mask_k
 def inpaint_video(models: Models, video: str, out: str, mask: str | None, mask_kind: str, mask_ratio: float,
                   box: list[float] | None, side: str, future_frames: int | None, start_frame: int, fps: int,
                   samples: int, cfg_scale: float | None, options: dict[str, Any], *, seed: int, weights: str,
-                  masker: Masker | None) -> str:
+                  masker: Masker | None, progress: bool | None) -> str:
     """The video half of :func:`inpaint`; ``options`` go to :func:`build_sampling` for each model."""
     module, ckpt = models[0]
     patchifier = module.patchifier
@@ -304,9 +321,11 @@ def inpaint_video(models: Models, video: str, out: str, mask: str | None, mask_k
     for model, path in models:
         draws = draws_for(model, samples)
         sampling = build_sampling(model, **options)
-        results = inpaint_clip(model, clip, pixel_mask, draws, sampling.sampler, torch.Generator().manual_seed(seed),
-                               weights == "ema")
         name = model_label(model, path, models)
+        bar, advance = chain_progress(model, tokens, sampling, name, progress)
+        with bar:
+            results = inpaint_clip(model, clip, pixel_mask, draws, sampling.sampler,
+                                   torch.Generator().manual_seed(seed), weights == "ema", advance)
         blocks.append((name, results))
         notes.append(f"{name}: {draws} result(s), {sampling_note(sampling, seed, False)}")
 

@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     by :func:`report` and exit code 2 (``MASKDIFF_DEBUG=1``: its traceback instead).
 
     Called with ``argv`` (from Python, e.g. a test or a notebook), it is ``run(argv)``: errors propagate.
+
+    The working directory goes first on ``sys.path``, as with ``python -m``: a ``class_path`` may name a module of
+    the user's own (``--model.init_args.objective my_objective.VelocityLoss``) without ``PYTHONPATH=.``.
     """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv is not None:
         run(argv)
         return

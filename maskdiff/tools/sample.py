@@ -13,6 +13,7 @@ from maskdiff.errors import UserError
 from maskdiff.files import ensure_writable_directory, image_format
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.checkpoints import load_method
+from maskdiff.progress import sampling_progress
 from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
 
 
@@ -53,6 +54,7 @@ def sample(
     seed: int = 0,
     weights: Literal["ema", "raw"] = "ema",
     device: str = "cpu",
+    progress: bool | None = None,
 ) -> str:
     """Generate a PNG grid from a checkpoint: one row per class, ``per_class`` samples per row.
 
@@ -82,6 +84,8 @@ def sample(
         seed: noise seed; the same seed and weights give the same image.
         weights: ``ema`` or ``raw`` backbone weights.
         device: torch device to sample on.
+        progress: a bar of the sampling steps on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
     if per_class < 1 or num < 1:
         raise UserError(f"--per_class and --num must be at least 1, got {per_class} and {num}")
@@ -90,12 +94,17 @@ def sample(
     module = load_method(ckpt, map_location=device).to(device).eval()
     if weights == "ema" and module.ema_backbone is None:
         print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
+    elif weights == "ema" and module.young_ema_note() is not None:
+        print(f"warning: {ckpt}: {module.young_ema_note()}", file=sys.stderr)
     labels = sample_labels(module, classes, per_class)
     sampling = build_sampling(module, sampler, steps, eta, cfg_scale, cfg_channels, cfg_schedule, cfg_power, preset)
-    images = module.generate(
-        labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,
-        generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema",
-    )
+    count = num if labels is None else len(labels)
+    bar, advance = sampling_progress(module.sampling_steps(sampling.sampler), f"sampling {count} images", progress)
+    with bar:
+        images = module.generate(
+            labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,
+            generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema", callback=advance,
+        )
     path = save_grid(images, out, per_class)
     print(f"wrote {path} ({images.shape[0]} samples, {sampling.description}, seed {seed}, {weights} weights)")
     return str(path)
