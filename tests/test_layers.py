@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskdiff"
 
 # docs/architecture.md draws the same layers.
 LAYERS = [
-    {"diffusion", "modes", "optim", "autoencoders", "files", "checkpoint_io", "errors", "progress"},
+    {"diffusion", "modes", "optim", "autoencoders", "files", "checkpoint_io", "errors", "progress", "images"},
     {"corruption", "data", "scale"},
     {"backbones", "objectives", "launch"},
     {"samplers"},
     {"methods"},
-    {"callbacks", "evaluation", "inpainting", "convert"},
+    {"callbacks", "evaluation", "inpainting", "convert", "comparison"},
     {"tools"},
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

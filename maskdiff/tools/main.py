@@ -9,6 +9,7 @@
     maskdiff evaluate --ckpt runs/quickstart/checkpoints/last.ckpt --num_samples 1000 --fid false --out eval/quickstart
     maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
     maskdiff preflight --config configs/dit/dit_xl2_imagenet256.yaml --config configs/trainer/slurm.yaml --ckpt_path last
+    maskdiff compare --config configs/compare/digits.yaml
 
 ``python -m maskdiff.tools.main`` (or ``python -m maskdiff.tools``) is the same command, e.g. under ``torchrun``.
 
@@ -33,6 +34,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from maskdiff.errors import UserError
 from maskdiff.files import WriteError
+from maskdiff.tools.compare import compare
 from maskdiff.tools.convert import CONVERTERS
 from maskdiff.tools.evaluate import evaluate
 from maskdiff.tools.inpaint import inpaint
@@ -54,9 +56,10 @@ COMMANDS = {
     "convert": "official or sharded FSDP weights -> a checkpoint: maskdiff convert dit|mdt|mae|fsdp SRC OUT",
     "shards": "write WebDataset shards: maskdiff shards digits|images|moving-digits|videos|latents ... OUT",
     "preflight": "check a fit command line against SLURM/CUDA: maskdiff preflight --config C.yaml",
+    "compare": "all five methods alike, one table: maskdiff compare --config configs/compare/digits.yaml",
 }
 TOOLS = {"sample": (sample, False), "probe": (probe, False), "inpaint": (inpaint, False), "evaluate": (evaluate, False),
-         "convert": (CONVERTERS, True), "shards": (SHARD_WRITERS, True)}
+         "convert": (CONVERTERS, True), "shards": (SHARD_WRITERS, True), "compare": (compare, False)}
 
 
 class ToolParser(ArgumentParser):
