@@ -135,6 +135,16 @@ def check_settings(methods: dict[str, MethodSettings], finetune_settings: Genera
     return paths
 
 
+def refuse_earlier_runs(out: Path, methods: dict[str, MethodSettings]) -> None:
+    """A comparison trains every run afresh: refuse an ``out`` whose method folders hold checkpoints already (a new
+    ``last.ckpt`` would be saved beside them as ``last-v1.ckpt`` and the old one evaluated)."""
+    for name in methods:
+        found = sorted((out / name).glob("*/checkpoints/*.ckpt"))
+        if found:
+            raise UserError(f"{out / name} holds the checkpoints of an earlier comparison ({found[0]})",
+                            hint="give this comparison its own --out, or delete that folder")
+
+
 def evaluate_method(name: str, method: MethodSettings, out: Path, stage: Stages, settings: dict[str, Any],
                     data: dict[str, Any], seed: int, enabled: bool | None) -> tuple[dict, dict, dict, dict[str, torch.Tensor]]:
     """Every axis for one pre-trained method: ``(figures, reasons, details, completed images per mask)``."""
@@ -234,6 +244,7 @@ def compare(
     paths = check_settings(methods, generative_finetune, finetune, pretrain, inpainting)
     check_plotting()
     out_dir = ensure_writable_directory(Path(out).expanduser(), "--out directory").resolve()
+    refuse_earlier_runs(out_dir, methods)
     settings = {"pretrain": pretrain, "generation": generation, "inpainting": inpainting,
                 "representation": representation, "finetune": finetune}
     judge_accuracy = load_digits_judge()[1]

@@ -103,3 +103,12 @@ def test_compare_needs_a_reason_for_a_method_it_does_not_judge_as_a_generator(tm
     config.write_text("methods:\n  MAE: {config: configs/mae/mae_digits.yaml, generation: none}\n")
     with pytest.raises(UserError, match="no_generation"):
         main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+
+def test_compare_refuses_an_out_folder_holding_an_earlier_comparison(tmp_path):
+    (tmp_path / "out" / "MAE" / "pretrain" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "out" / "MAE" / "pretrain" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    config = tmp_path / "one.yaml"
+    config.write_text("methods:\n  MAE: {config: configs/mae/mae_digits.yaml, no_generation: not a generator}\n")
+    with pytest.raises(UserError, match="earlier comparison"):
+        main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
