@@ -20,7 +20,7 @@ from maskdiff.files import atomic_path, save_image
 from maskdiff.data.moving_digits import mp4_codec, render_moving_digits
 from maskdiff.inpainting.masks import check_ratio, fit_square, make_mask
 from maskdiff.methods.base import MaskDiffModule
-from maskdiff.samplers.base import Sampler
+from maskdiff.samplers.base import Sampler, StepCallback
 
 MOVING_DIGITS_PREFIX = "moving_digits:"
 MOVING_DIGITS_VAL_CLIPS = 200
@@ -152,10 +152,11 @@ def make_video_mask(
 @torch.no_grad()
 def inpaint_clip(module: MaskDiffModule, clip: torch.Tensor, pixel_mask: torch.Tensor, samples: int = 1,
                  sampler: Sampler | None = None, generator: torch.Generator | None = None,
-                 use_ema: bool = True) -> torch.Tensor:
+                 use_ema: bool = True, callback: StepCallback | None = None) -> torch.Tensor:
     """Complete ``clip (C, F, S, S)`` in [-1, 1] where ``pixel_mask (F, S, S)`` is True with the video model's
     ``inpaint_tokens`` (DiffMAE: encoder once on the known tubelets, reverse chain on the hidden ones), ``sampler``
-    defaulting to the method's own.
+    defaulting to the method's own; ``callback(step, x, output)`` is called after every sampling step
+    (``module.inpainting_steps`` of the clip's token mask times).
 
     Returns ``(samples, C, F, S, S)``; known pixels are exactly ``clip``'s.
     """
@@ -171,7 +172,7 @@ def inpaint_clip(module: MaskDiffModule, clip: torch.Tensor, pixel_mask: torch.T
     hidden = token_mask(pixel_mask, token_pixels, patchifier.tubelet).expand(samples, -1)
     clips = clip.unsqueeze(0).expand(samples, -1, -1, -1, -1).to(module.device)
     tokens = module.inpaint_tokens(module.to_tokens(clips), hidden, sampler=sampler, generator=generator,
-                                   use_ema=use_ema)
+                                   use_ema=use_ema, callback=callback)
     generated = module.autoencoder.decode(patchifier.unpatchify(tokens)).to(clip.dtype).cpu()
     return torch.where(pixel_mask, generated, clip.unsqueeze(0))
 

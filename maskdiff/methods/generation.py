@@ -29,12 +29,16 @@ class Generation(L.LightningModule):
     guidance: ClassifierFreeGuidance | None
     clip_x0: float | None
 
-    def denoiser(self, use_ema: bool = True, guidance: ClassifierFreeGuidance | None = None) -> Denoiser:
-        """The inference backbone (EMA when ``use_ema`` and there is one) as a :class:`Denoiser`, with ``guidance``
-        or the method's own."""
+    def check_can_generate(self) -> None:
+        """ValueError naming the part when the method cannot generate (no noise schedule or no parameterization)."""
         gap = generation_gap(self.corruption, self.objective)
         if gap is not None:
             raise ValueError(f"{type(self).__name__} cannot generate: {gap}")
+
+    def denoiser(self, use_ema: bool = True, guidance: ClassifierFreeGuidance | None = None) -> Denoiser:
+        """The inference backbone (EMA when ``use_ema`` and there is one) as a :class:`Denoiser`, with ``guidance``
+        or the method's own."""
+        self.check_can_generate()
         parameterization = self.objective.parameterization
         return Denoiser(
             self.inference_backbone(use_ema),
@@ -51,6 +55,12 @@ class Generation(L.LightningModule):
         """``sampler``, else the method's configured one, else DDPM with the full schedule."""
         return sampler or self.sampler or DDPMSampler()
 
+    def sampling_steps(self, sampler: Sampler | None = None, steps: int | None = None) -> int:
+        """How many sampling steps (``callback`` calls) :meth:`generate` runs with ``sampler`` and ``steps``: the
+        chosen sampler's :meth:`~maskdiff.samplers.Sampler.num_steps` over the corruption's schedule."""
+        self.check_can_generate()
+        return self.chosen_sampler(sampler).num_steps(self.corruption.schedule, steps)
+
     @torch.no_grad()
     def generate(
         self,
@@ -64,7 +74,8 @@ class Generation(L.LightningModule):
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Sample images ``(B, C, H, W)``: one per label of ``labels (B,)``, or ``num`` unconditional ones.
-        ``callback(step, x, output)`` is called after every sampling step (progress bars, chain previews)."""
+        ``callback(step, x, output)`` is called after every sampling step (progress bars, chain previews), as many
+        times as :meth:`sampling_steps` says."""
         if labels is None and num is None:
             raise ValueError("pass labels (class-conditional) or num (unconditional)")
         batch = len(labels) if labels is not None else num

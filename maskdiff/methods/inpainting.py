@@ -27,7 +27,7 @@ from maskdiff.corruption.pixel_masks import as_pixel_mask, token_mask
 from maskdiff.methods.contracts import InpaintingMode, generation_gap
 from maskdiff.modes import evaluating
 from maskdiff.objectives.base import Objective
-from maskdiff.samplers.base import Sampler
+from maskdiff.samplers.base import Sampler, StepCallback
 from maskdiff.samplers.denoiser import Denoiser
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
@@ -78,19 +78,22 @@ class Inpainting(L.LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         steps: int | None = None,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Fill the masked pixels of ``images (B, C, H, W)`` in [-1, 1]; returns ``(B, C, H, W)``.
 
         ``pixel_mask (B, 1, H, W)`` or ``(B, H, W)`` bool, True = generate (a batch of 1 is broadcast). A token is
         generated if any of its pixels is (the mask is max-pooled over autoencoder downsample × patch size). The known
         pixels are pasted back, so they come out exactly as given even where a latent autoencoder's round trip is
-        lossy. Video clips: :meth:`inpaint_tokens` with a token mask.
+        lossy. ``callback(step, x, output)`` is called after every sampling step (see :meth:`inpaint_tokens`). Video
+        clips: :meth:`inpaint_tokens` with a token mask.
         """
         if self.patchifier.frames is not None:
             raise ValueError("inpaint takes images with a 2-D pixel mask; for video clips use inpaint_tokens with a token mask")
         images = images.to(self.device)
         pixel_mask, hidden = self.inpainting_masks(images, pixel_mask)
-        tokens = self.inpaint_tokens(self.to_tokens(images), hidden, labels, sampler, guidance, generator, use_ema, steps)
+        tokens = self.inpaint_tokens(self.to_tokens(images), hidden, labels, sampler, guidance, generator, use_ema, steps,
+                                     callback)
         generated = self.autoencoder.decode(self.patchifier.unpatchify(tokens)).to(images.dtype)
         return torch.where(pixel_mask, generated, images)
 
@@ -105,10 +108,12 @@ class Inpainting(L.LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         steps: int | None = None,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Generate the ``hidden (B, N)`` (True = generate) tokens of ``tokens (B, N, P)``, images or video; known tokens
         are returned exactly. ``labels``/``guidance`` reach ``repaint`` only; ``sampler``/``steps`` (default: the
-        method's sampler) are unused by ``reconstruct``. Returns ``(B, N, P)``."""
+        method's sampler) are unused by ``reconstruct``. ``callback(step, x, output)`` is called after every sampling
+        step, :meth:`inpainting_steps` times in all. Returns ``(B, N, P)``."""
         tokens = tokens.to(self.device)
         hidden = hidden.to(self.device).bool()
         if hidden.shape != tokens.shape[:2]:
@@ -120,7 +125,8 @@ class Inpainting(L.LightningModule):
             labels = labels.to(self.device) if labels is not None and self.conditional else None
             with evaluating(denoiser.backbone):
                 return self.chosen_sampler(sampler).sample(denoiser, tuple(tokens.shape), labels, generator=generator,
-                                                           known=tokens, mask=hidden, device=self.device, steps=steps)
+                                                           known=tokens, mask=hidden, device=self.device, steps=steps,
+                                                           callback=callback)
         backbone = self.inference_backbone(use_ema)
         counts = hidden.sum(1)
         filled = tokens.clone()
@@ -131,13 +137,26 @@ class Inpainting(L.LightningModule):
                 rows = (counts == count).nonzero().squeeze(1)
                 masking = masking_from_noise(hidden[rows].float(), tokens.shape[1] - count)
                 if self.inpainting == "hidden_chain":
-                    filled[rows] = self.chain_on_hidden(backbone, tokens[rows], masking, sampler, generator, steps)
+                    filled[rows] = self.chain_on_hidden(backbone, tokens[rows], masking, sampler, generator, steps,
+                                                        callback)
                 else:
                     filled[rows] = self.reconstruct_hidden(backbone, tokens[rows], masking)
         return filled
 
+    def inpainting_steps(self, hidden: torch.Tensor, sampler: Sampler | None = None, steps: int | None = None) -> int:
+        """How many sampling steps (``callback`` calls) :meth:`inpaint_tokens` runs for the token mask ``hidden (B, N)``:
+        one chain for ``repaint``, one per distinct nonzero count of hidden tokens for ``hidden_chain`` (each of
+        :meth:`sampling_steps`), none for ``reconstruct`` or a method that cannot inpaint."""
+        if self.inpainting == "repaint":
+            return self.sampling_steps(sampler, steps)
+        if self.inpainting == "hidden_chain":
+            counts = hidden.bool().sum(1).unique()
+            return int((counts > 0).sum()) * self.sampling_steps(sampler, steps)
+        return 0
+
     def chain_on_hidden(self, backbone: Backbone, tokens: torch.Tensor, masking: Masking, sampler: Sampler | None,
-                        generator: torch.Generator | None, steps: int | None) -> torch.Tensor:
+                        generator: torch.Generator | None, steps: int | None,
+                        callback: StepCallback | None = None) -> torch.Tensor:
         """``hidden_chain``: encode the tokens ``masking`` keeps once, sample the hidden ones from N(0, I) with the
         decoder alone; ``(B, N, P)``."""
         context = backbone.encode_context(tokens, masking)
@@ -146,7 +165,7 @@ class Inpainting(L.LightningModule):
                             prediction=parameterization.target, clip_x0=self.clip_x0)
         shape = (tokens.shape[0], tokens.shape[1] - masking.num_keep, tokens.shape[-1])
         generated = self.chosen_sampler(sampler).sample(denoiser, shape, None, generator=generator, device=self.device,
-                                                        steps=steps)
+                                                        steps=steps, callback=callback)
         known = gather_tokens(tokens, masking.ids_keep)
         return gather_tokens(torch.cat([known, generated.to(tokens.dtype)], dim=1), masking.ids_restore)
 

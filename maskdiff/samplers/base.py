@@ -39,6 +39,11 @@ class Sampler:
         self.steps = steps
         self.spacing = spacing
 
+    def num_steps(self, schedule: NoiseSchedule, steps: int | None = None) -> int:
+        """How many reverse steps :meth:`sample` runs over ``schedule`` with ``steps`` respaced steps (default
+        :attr:`steps`): one denoiser call and one ``callback`` each (``big_vision`` spacing: ``steps + 1``)."""
+        return schedule.respace(steps or self.steps, self.spacing).num_steps
+
     @staticmethod
     def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None, device=None) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)

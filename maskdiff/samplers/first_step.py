@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from maskdiff.diffusion.schedules import NoiseSchedule
 from maskdiff.samplers.base import Sampler, StepCallback
 from maskdiff.samplers.denoiser import Denoiser
 
@@ -23,6 +24,10 @@ class FirstStepSampler(Sampler):
 
     def __init__(self) -> None:
         super().__init__(steps=1)
+
+    def num_steps(self, schedule: NoiseSchedule, steps: int | None = None) -> int:
+        """One denoiser call, whatever ``schedule`` and ``steps``."""
+        return 1
 
     @torch.no_grad()
     def sample(

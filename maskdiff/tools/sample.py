@@ -99,7 +99,8 @@ def sample(
     labels = sample_labels(module, classes, per_class)
     sampling = build_sampling(module, sampler, steps, eta, cfg_scale, cfg_channels, cfg_schedule, cfg_power, preset)
     count = num if labels is None else len(labels)
-    bar, advance = sampling_progress(module.sampling_steps(sampling.sampler), f"sampling {count} images", progress)
+    description = f"sampling {count} image{'s' * (count != 1)}"
+    bar, advance = sampling_progress(module.sampling_steps(sampling.sampler), description, progress)
     with bar:
         images = module.generate(
             labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,

@@ -176,6 +176,14 @@ def test_inpaint_command_writes_a_panel_keeping_the_known_half(dit_ckpt, tmp_pat
     assert not np.array_equal(first[:, :32], second[:, :32])
 
 
+def test_repaint_calls_back_once_per_step_of_its_one_chain():
+    method = tiny_dit()
+    masks = torch.stack([make_mask("half", 8), make_mask("box", 8)])  # different token counts, still one chain
+    calls = []
+    method.inpaint(random_images(2), masks, sampler=DDIMSampler(3), callback=lambda step, x, output: calls.append(step))
+    assert method.inpainting_steps(token_mask(masks, 2), DDIMSampler(3)) == len(calls) == 3 and calls == [2, 1, 0]
+
+
 @pytest.fixture
 def mae_nano() -> MAE:
     torch.manual_seed(0)

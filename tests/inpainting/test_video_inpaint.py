@@ -254,12 +254,16 @@ def test_video_command_errors_name_the_bad_value(video_ckpt, mae_ckpt, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
-def test_compare_panel_puts_both_models_on_the_same_mask(image_diffmae_ckpt, mae_ckpt, tmp_path, capsys):
+def test_compare_panel_puts_both_models_on_the_same_mask(image_diffmae_ckpt, mae_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+    monkeypatch.delenv("RANK", raising=False)
     out = tmp_path / "compare.png"
     main(["inpaint", "--ckpt", str(image_diffmae_ckpt), "--compare_ckpt", str(mae_ckpt), "--image", "digits:7",
           "--mask_kind", "random", "--mask_ratio", "0.75", "--samples", "3", "--steps", "3", "--out", str(out)])
     captured = capsys.readouterr()
     assert "12/16 tokens generated" in captured.out
+    assert "inpainting with DiffMAE" in captured.err and "3/3" in captured.err  # one hidden chain of 3 steps
+    assert "inpainting with MAE" not in captured.err  # a one-pass reconstruction has no steps to show
     assert "DiffMAE: unconditional, 3 result(s), ddpm-3" in captured.out and "MAE: unconditional, 1 result(s), one-step" in captured.out
     panel = np.array(Image.open(out).convert("L")).astype(int)
     margin = label_width(["DiffMAE", "MAE"])
@@ -272,6 +276,19 @@ def test_compare_panel_puts_both_models_on_the_same_mask(image_diffmae_ckpt, mae
         assert np.array_equal(result[~hidden], diffmae[0][~hidden])
     assert (mae[3] == 255).all() and (mae[4] == 255).all()
     assert (panel[:, :margin] < 128).any()  # the labels are drawn
+
+
+def test_inpainting_steps_count_one_hidden_chain_per_number_of_hidden_tokens(tmp_path):
+    method = diffmae_checkpoint(tmp_path / "diffmae.ckpt", IMAGE_BACKBONE, tube=False)[1]
+    hidden = torch.zeros(3, 16, dtype=torch.bool)
+    hidden[0, :4], hidden[1, :6], hidden[2, 8:12] = True, True, True  # 4, 6 and 4 hidden tokens: two chains
+    calls = []
+    method.inpaint_tokens(torch.zeros(3, 16, 4), hidden, sampler=DDPMSampler(3),
+                          callback=lambda step, x, output: calls.append(step))
+    assert method.inpainting_steps(hidden, DDPMSampler(3)) == len(calls) == 6
+    assert method.inpainting_steps(hidden) == 8  # the checkpoint's DDPM-4
+    torch.manual_seed(0)
+    assert MAE(backbone=create_backbone("mae_nano")).inpainting_steps(hidden) == 0
 
 
 def test_compare_needs_the_same_token_grid(image_diffmae_ckpt, tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 from maskdiff.backbones import create_backbone
 from maskdiff.backbones.patching import Patchifier
 from maskdiff.diffusion import NoiseSchedule
-from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler, Denoiser
+from maskdiff.samplers import ClassifierFreeGuidance, DDIMSampler, DDPMSampler, Denoiser, FirstStepSampler
 
 
 class OracleBackbone(nn.Module):
@@ -115,3 +115,18 @@ def test_inpainting_keeps_known_tokens():
     torch.testing.assert_close(out[~mask], known[~mask])
     with pytest.raises(ValueError, match="both"):
         DDIMSampler(5).sample(denoiser, (2, 4, 4), None, known=known)
+
+
+@pytest.mark.parametrize(("sampler", "steps", "expected"), [
+    (DDPMSampler(7), None, 7),
+    (DDIMSampler(4, eta=1.0, spacing="big_vision"), None, 5),  # UMD's loop: steps + 1 calls, the last at t = 0
+    (DDIMSampler(50), 3, 3),
+    (FirstStepSampler(), 9, 1),
+])
+def test_num_steps_is_how_often_the_sampler_calls_back(sampler, steps, expected):
+    schedule = NoiseSchedule("linear", 100)
+    denoiser = Denoiser(OracleBackbone(schedule, torch.zeros(1, 4, 4)), schedule, "eps")
+    calls = []
+    sampler.sample(denoiser, (1, 4, 4), None, torch.Generator().manual_seed(0), steps=steps,
+                   callback=lambda step, x, output: calls.append(step))
+    assert sampler.num_steps(schedule, steps) == len(calls) == expected

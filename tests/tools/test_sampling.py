@@ -58,6 +58,20 @@ def test_sample_overrides_only_what_is_given(umd_ckpt, tmp_path, capsys, options
     assert f"{used}, no guidance" in sample_line(capsys)
 
 
+def test_sample_shows_a_bar_of_the_samplers_steps_only_when_asked(umd_ckpt, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "MASKDIFF_PROGRESS"):
+        monkeypatch.delenv(name, raising=False)
+    command = ["sample", "--ckpt", str(umd_ckpt), "--out", str(tmp_path / "grid.png"), "--num", "1", "--steps", "4"]
+    main(command)  # stderr is no terminal under pytest: no bar, so CI logs stay clean
+    assert "sampling 1 image" not in capsys.readouterr().err
+    monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+    main(command)
+    bar = capsys.readouterr().err
+    assert "sampling 1 image:" in bar and "5/5" in bar  # DDIM-4 on UMD's big_vision grid: 4 steps + the call at t = 0
+    main([*command, "--progress", "false"])
+    assert "sampling 1 image" not in capsys.readouterr().err
+
+
 def test_each_override_keeps_the_rest_of_the_checkpoints_sampler(umd_ckpt):
     module = load_method(umd_ckpt)
     default = build_sampling(module)
