@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
+from itertools import islice
 from typing import Any
 
 import torch
 
 from maskdiff.backbones.base import Backbone
 from maskdiff.backbones.features import FeatureSpec, backbone_features, resolve_spec
+from maskdiff.data.loaders import EvalLoader
 from maskdiff.diffusion.schedules import NoiseSchedule
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.modes import evaluating
+from maskdiff.progress import progress as progress_bar
 
 
 def resolve_backbone(module_or_backbone: MaskDiffModule | Backbone, use_ema: bool = True) -> Backbone:
@@ -70,32 +73,54 @@ def extract_features(
         return backbone_features(backbone, tokens, spec, schedule, generator).float()
 
 
+def known_length(batches: Iterable[Any]) -> int | None:
+    """How many batches ``batches`` holds: an :class:`~maskdiff.data.loaders.EvalLoader`'s planned batches,
+    ``len(batches)``, or ``None`` when it has no length (a DataLoader over an iterable dataset without one raises
+    ``TypeError`` from ``len``)."""
+    if isinstance(batches, EvalLoader):
+        return batches.batches
+    if not isinstance(batches, Sized):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def extract_dataset_features(
-    module_or_backbone: MaskDiffModule | Backbone, batches: Iterable[Any], spec: FeatureSpec, max_batches: int | None = None
+    module_or_backbone: MaskDiffModule | Backbone,
+    batches: Iterable[Any],
+    spec: FeatureSpec,
+    max_batches: int | None = None,
+    progress: bool | None = None,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features ``(M, D)`` and labels ``(M,)`` (``None`` when the batches carry none) of every batch, on the CPU.
 
     Batches are ``(images, labels)`` or bare images; empty batches are skipped. The noise of ``spec.noise_t`` comes
     from one generator seeded with ``spec.noise_seed`` for all batches, so the same data in the same order give the
-    same features.
+    same features. ``progress``: a bar of the batches called ``desc`` (``None``: when stderr is a terminal, see
+    :mod:`maskdiff.progress`).
     """
     spec = resolve_method_spec(module_or_backbone, spec)
     generator = torch.Generator().manual_seed(spec.noise_seed)
     features, labels, unlabeled = [], [], False
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        if isinstance(batch, (tuple, list)):
-            images, batch_labels = batch[0], (batch[1] if len(batch) > 1 else None)
-        else:
-            images, batch_labels = batch, None
-        if images.shape[0] == 0:
-            continue
-        features.append(extract_features(module_or_backbone, images, spec, generator).cpu())
-        if batch_labels is None:
-            unlabeled = True
-        else:
-            labels.append(torch.as_tensor(batch_labels).long().cpu())
+    total = known_length(batches)
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    with progress_bar(islice(batches, max_batches), desc=desc, total=total, unit="batch", enabled=progress) as bar:
+        for batch in bar:
+            if isinstance(batch, (tuple, list)):
+                images, batch_labels = batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                images, batch_labels = batch, None
+            if images.shape[0] == 0:
+                continue
+            features.append(extract_features(module_or_backbone, images, spec, generator).cpu())
+            if batch_labels is None:
+                unlabeled = True
+            else:
+                labels.append(torch.as_tensor(batch_labels).long().cpu())
     if not features:
         raise ValueError("no batches to extract features from (the data split is empty)")
     return torch.cat(features), None if unlabeled else torch.cat(labels)

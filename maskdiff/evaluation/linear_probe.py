@@ -47,6 +47,7 @@ from maskdiff.evaluation.few_shot import few_shot_probe
 from maskdiff.evaluation.lars import LARS
 from maskdiff.files import save_torch
 from maskdiff.methods.checkpoints import require_file
+from maskdiff.progress import progress as progress_bar
 
 log = logging.getLogger("maskdiff.evaluation")
 
@@ -131,6 +132,7 @@ def run_linear_probe(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     bn_eps: float = 1e-6,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train MAE's linear head on cached features and score it; deterministic for a given ``seed`` and device.
 
@@ -149,6 +151,8 @@ def run_linear_probe(
         num_classes: classes of the head (default: the largest label + 1).
         device: where the head trains.
         bn_eps: the head's BatchNorm epsilon (MAE: 1e-6; UMD: 1e-5).
+        progress: a bar of the epochs (with the last epoch's mean loss) on stderr; ``None``: when stderr is a
+            terminal (see :mod:`maskdiff.progress`).
 
     Returns ``top1``, ``top5`` (held-out, fractions in [0, 1]), ``train_loss`` (mean of the last epoch), and the
     protocol: ``epochs, warmup_epochs, batch, base_lr, lr, optimizer, weight_decay, bn_eps, seed, num_train, num_val,
@@ -182,18 +186,21 @@ def run_linear_probe(
     with _few_threads_for_small_work(torch.device(device), batch * feature_dim * num_classes):
         head.train()
         epoch_loss = torch.zeros((), device=device)
-        for epoch in range(epochs):
-            order = torch.randperm(num_train, generator=generator).to(device)
-            epoch_loss.zero_()
-            for step in range(steps_per_epoch):
-                for group in opt.param_groups:
-                    group["lr"] = warmup_cosine(epoch + step / steps_per_epoch, lr, warmup_epochs, epochs)
-                rows = order[step * batch : (step + 1) * batch]
-                loss = F.cross_entropy(head(features[rows]), labels[rows])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                epoch_loss += loss.detach()
+        with progress_bar(range(epochs), desc="probe head", unit="epoch", enabled=progress) as bar:
+            for epoch in bar:
+                order = torch.randperm(num_train, generator=generator).to(device)
+                epoch_loss.zero_()
+                for step in range(steps_per_epoch):
+                    for group in opt.param_groups:
+                        group["lr"] = warmup_cosine(epoch + step / steps_per_epoch, lr, warmup_epochs, epochs)
+                    rows = order[step * batch : (step + 1) * batch]
+                    loss = F.cross_entropy(head(features[rows]), labels[rows])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    epoch_loss += loss.detach()
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{(epoch_loss / steps_per_epoch).item():.4f}")
 
         head.eval()
         with torch.no_grad():

@@ -58,6 +58,7 @@ def probe(
     out: str = "probe.json",
     cache_dir: str | None = None,
     device: str = "cpu",
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Offline linear probe of frozen features (MAE's; UMD's: --config configs/umd/linear_probe.yaml): JSON + table.
 
@@ -97,6 +98,8 @@ def probe(
         out: JSON file to write.
         cache_dir: feature cache folder (default ``$MASKDIFF_CACHE/features`` or ``~/.cache/maskdiff/features``).
         device: torch device for feature extraction and head training.
+        progress: bars of the feature extraction (batches per split) and the head's training (epochs) on stderr;
+            default: when stderr is a terminal (or ``MASKDIFF_PROGRESS=1``).
     """
     require_file(ckpt)
     ensure_writable_directory(Path(out).expanduser().parent, "--out directory")
@@ -128,7 +131,8 @@ def probe(
             raise ValueError(f"{type(datamodule).__name__} has no held-out split (val_dataloader() is empty); the probe needs one")
         splits = {}
         for split, batches in (("train", train_split_batches(datamodule)), ("val", val_loader)):
-            features, labels = extract_dataset_features(module, batches, spec)
+            features, labels = extract_dataset_features(module, batches, spec, progress=progress,
+                                                         desc=f"features ({split})")
             splits[split] = (features, check_labels(labels, split, type(datamodule).__name__))
         save_features(cache_path, key, splits)
         print(f"features: cached in {cache_path}", file=sys.stderr)
@@ -138,7 +142,7 @@ def probe(
     result = run_linear_probe(
         *splits["train"], *splits["val"], epochs=epochs, batch_size=batch_size, base_lr=base_lr, optimizer=optimizer,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, bn_eps=bn_eps, seed=seed,
-        num_classes=getattr(datamodule, "num_classes", None), device=device,
+        num_classes=getattr(datamodule, "num_classes", None), device=device, progress=progress,
     )
     result = {"mode": "offline", "ckpt": str(ckpt), "data": data_identity(datamodule)["class"], **spec.as_dict(),
               **result, "feature_cache": str(cache_path)}

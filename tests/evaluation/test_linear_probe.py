@@ -8,7 +8,7 @@ from maskdiff.backbones import DiT as DiTBackbone
 from maskdiff.backbones import create_backbone
 from maskdiff.tools.main import main
 from maskdiff.backbones.features import FeatureSpec
-from maskdiff.evaluation.features import extract_features
+from maskdiff.evaluation.features import extract_dataset_features, extract_features
 from maskdiff.evaluation.lars import LARS
 from maskdiff.evaluation.linear_probe import run_linear_probe
 from maskdiff.tools import probe as probe_tool
@@ -98,8 +98,30 @@ def test_feature_pooling_depth_and_timestep_rules(caplog):
         extract_features(mae, images, FeatureSpec(pooling="cls", timestep=0))
 
 
+def test_feature_extraction_and_head_training_show_bars_only_when_asked(capsys, monkeypatch):
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "MASKDIFF_PROGRESS"):
+        monkeypatch.delenv(name, raising=False)
+    mae = create_backbone("mae_nano")
+    batches = [(torch.rand(2, 1, 8, 8), torch.tensor([0, 1])) for _ in range(3)]
+    spec = FeatureSpec(pooling="cls")
+    features, labels = extract_dataset_features(mae, batches, spec, max_batches=2, desc="features (train)")
+    assert features.shape == (4, 32) and labels.tolist() == [0, 1, 0, 1]
+    run_linear_probe(features, labels, features, labels, epochs=2, warmup_epochs=0, batch_size=4)
+    assert capsys.readouterr().err == ""  # stderr is no terminal under pytest: no bars, so CI logs stay clean
+    monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+    extract_dataset_features(mae, batches, spec, max_batches=2, desc="features (train)")
+    run_linear_probe(features, labels, features, labels, epochs=3, warmup_epochs=0, batch_size=4)
+    bars = capsys.readouterr().err
+    assert "features (train)" in bars and "2/2" in bars and "probe head" in bars and "3/3" in bars and "loss=" in bars
+    extract_dataset_features(mae, batches, spec, progress=False)
+    run_linear_probe(features, labels, features, labels, epochs=2, warmup_epochs=0, batch_size=4, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------------------------- maskdiff probe
 def test_probe_cli_end_to_end_and_feature_cache(dit_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+    monkeypatch.delenv("RANK", raising=False)
     out, cache = tmp_path / "probe.json", tmp_path / "cache"
     main(["probe", "--ckpt", str(dit_ckpt), "--data", str(DEBUG_CONFIG), "--out", str(out), "--cache_dir", str(cache), *QUICK])
     result = json.loads(out.read_text())
@@ -110,6 +132,7 @@ def test_probe_cli_end_to_end_and_feature_cache(dit_ckpt, tmp_path, monkeypatch,
     assert isinstance(result["top1"], float) and 0.0 <= result["top1"] <= result["top5"] <= 1.0
     printed = capsys.readouterr()
     assert "top1" in printed.out and "cached in" in printed.err
+    assert all(bar in printed.err for bar in ("features (train)", "features (val)", "probe head"))
     assert len(list(cache.glob("*.pt"))) == 1
 
     def no_extraction(*args, **kwargs):
@@ -117,8 +140,9 @@ def test_probe_cli_end_to_end_and_feature_cache(dit_ckpt, tmp_path, monkeypatch,
 
     monkeypatch.setattr(probe_tool, "extract_dataset_features", no_extraction)
     main(["probe", "--ckpt", str(dit_ckpt), "--data.class_path", "maskdiff.data.DigitsDataModule",
-          "--data.init_args.image_size", "8", "--out", str(out), "--cache_dir", str(cache), *QUICK])
-    assert "reusing" in capsys.readouterr().err
+          "--data.init_args.image_size", "8", "--out", str(out), "--cache_dir", str(cache), *QUICK, "--progress", "false"])
+    reused = capsys.readouterr().err
+    assert "reusing" in reused and "probe head" not in reused
     assert json.loads(out.read_text())["top1"] == result["top1"]
 
 
