@@ -48,12 +48,13 @@ def write_digits_shards(
     samples_per_shard: int = 500,
     val_fraction: float = 1 / 6,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict:
     """Write sklearn's digits as ``digits-{train,val}-%06d.tar`` shards plus ``manifest.json``.
 
     Each sample is ``{"__key__": "%04d" % sklearn_index, "png": 8×8 grayscale PNG, "cls": label}``.
-    The same arguments give byte-identical files.
+    The same arguments give byte-identical files. ``progress``: a bar of the samples written on stderr (``None``: when
+    stderr is a terminal; see :mod:`maskdiff.progress`).
 
     Returns:
         The manifest: ``classes`` (0..9), ``total`` (1797), ``image_size`` (8), ``channels`` (1) and
@@ -133,7 +134,7 @@ def ensure_digits_shards(cache_dir: str | Path | None = None) -> dict:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
     try:
-        write_digits_shards(tmp, progress=True)
+        write_digits_shards(tmp)
         tmp.chmod(0o755)
         try:
             os.rename(tmp, root)

@@ -129,7 +129,7 @@ def write_image_shards(
     metadata: bool = True,
     verify: Literal["header", "decode"] = "header",
     workers: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Write the images of ``src`` (see :func:`list_images`) as ``OUT/{prefix}-%06d.tar`` shards.
 
@@ -138,7 +138,8 @@ def write_image_shards(
     and manifest. Files that cannot be read, have an unsupported extension or fail ``verify`` are skipped
     and listed under ``splits[prefix]["skipped"]`` as ``{"path", "reason"}``. The manifest's ``classes``
     are the class folder names (folder input; labels index them) or the integer labels seen in this and
-    earlier splits (file list); other splits in ``out`` are kept.
+    earlier splits (file list); other splits in ``out`` are kept. ``progress``: a bar of the images on stderr
+    (``None``: when stderr is a terminal; see :mod:`maskdiff.progress`).
 
     Returns:
         The manifest.

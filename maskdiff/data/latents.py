@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from maskdiff.autoencoders.vae import StableDiffusionVAE
+from maskdiff.progress import progress as progress_bar
 
 from .base import ShardsDataModule
 from .images import ImageShardsDataModule
@@ -107,7 +108,7 @@ def encode_latent_shards(
     num_classes: int | None = None,
     num_samples: int | None = None,
     num_workers: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Encode the images of ``src_pattern`` once with a frozen SD VAE into ``{prefix}-{split}-%06d.tar`` shards.
 
@@ -137,7 +138,8 @@ def encode_latent_shards(
         num_classes: labels must lie in ``[0, num_classes)`` (default: from the source manifest's ``classes``, else 1000).
         num_samples: samples in the source (default: from the source manifest).
         num_workers: DataLoader workers reading the source.
-        progress: show a progress bar.
+        progress: a bar of the batches encoded on stderr (``None``: when stderr is a terminal; see
+            :mod:`maskdiff.progress`).
 
     Returns:
         The manifest: ``latent_channels``, ``latent_size``, ``scale_factor``, ``vae`` (path), ``classes``,
@@ -169,7 +171,10 @@ def encode_latent_shards(
     def encoded_samples() -> Iterator[dict]:
         with torch.random.fork_rng(devices=[device] if str(device).startswith("cuda") else []):
             torch.manual_seed(seed)
-            for (images, keys), labels in source.train_split_once():
+            loader = source.train_split_once()
+            batches = progress_bar(loader, desc=f"encoding {split} latents", total=loader.batches, unit="batch",
+                                   enabled=progress)
+            for (images, keys), labels in batches:
                 if not keys:
                     continue
                 images = images.to(device)
@@ -182,7 +187,7 @@ def encode_latent_shards(
                         sample[FLIPPED_LATENT_MEMBER] = _npy_bytes(latents[len(keys) + row].numpy().astype(dtype))
                     yield sample
 
-    shards = write_shards(encoded_samples(), str(out / f"{prefix}-{split}-%06d.tar"), samples_per_shard, progress=progress)
+    shards = write_shards(encoded_samples(), str(out / f"{prefix}-{split}-%06d.tar"), samples_per_shard, progress=False)
     if not shards:
         raise ValueError(f"no image of {src_pattern!r} could be encoded ({source.skipped} skipped: {dict(source.skip_reasons)})")
     names = [os.path.basename(s["path"]) for s in shards]

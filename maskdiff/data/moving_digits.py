@@ -192,14 +192,15 @@ def write_moving_digits_shards(
     format: Literal["mp4", "frames"] = "mp4",
     samples_per_shard: int = 500,
     glyph_size: int = 16,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict:
     """Write moving-digits videos as ``moving-digits-{train,val}-%06d.tar`` shards plus ``manifest.json``.
 
     Each sample has ``__key__`` ``"%06d" % index``, ``cls`` (class of the first digit), ``json``
     (``fps``, ``frames``, ``duration`` and the trajectory, see :func:`render_moving_digits`) and either
     ``mp4`` (``format="mp4"``, :func:`encode_gray_mp4`) or one grayscale PNG per frame,
-    ``000.png, 001.png, ...`` (``format="frames"``). The same arguments give byte-identical files.
+    ``000.png, 001.png, ...`` (``format="frames"``). The same arguments give byte-identical files. ``progress``: a
+    bar of the videos of each split on stderr (``None``: when stderr is a terminal; see :mod:`maskdiff.progress`).
 
     Returns:
         The manifest: ``splits[name] = {"pattern", "samples", "shards": [{"path", "samples"}]}`` (paths
@@ -232,7 +233,8 @@ def write_moving_digits_shards(
     }
     for split, count in (("train", num_train), ("val", num_val)):
         samples = _samples(split, count, num_frames, canvas, digits_per_video, glyph_size, fps, seed, format)
-        shards = write_shards(samples, str(out / f"moving-digits-{split}-%06d.tar"), samples_per_shard, progress=progress)
+        shards = write_shards(samples, str(out / f"moving-digits-{split}-%06d.tar"), samples_per_shard,
+                              progress=progress, total=count)
         manifest["splits"][split] = {
             "pattern": brace_pattern(f"moving-digits-{split}", len(shards)),
             "samples": count,
@@ -292,7 +294,7 @@ def ensure_moving_digits_shards(
     try:
         write_moving_digits_shards(tmp, num_train=num_train, num_val=num_val, num_frames=num_frames, canvas=canvas,
                                    digits_per_video=digits_per_video, fps=fps, seed=seed, format=format,
-                                   glyph_size=glyph_size, progress=True)
+                                   glyph_size=glyph_size)
         tmp.chmod(0o755)
         try:
             if root.exists():

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
-from tqdm.auto import tqdm
 
 from maskdiff.files import atomic_open, write_json
+from maskdiff.progress import progress as progress_bar
 
 log = logging.getLogger("maskdiff.data")
 
@@ -27,8 +27,9 @@ def write_shards(
     pattern: str,
     max_samples: int,
     max_bytes: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     total: int | None = None,
+    desc: str | None = None,
 ) -> list[dict]:
     """Write samples to WebDataset tar shards.
 
@@ -38,8 +39,10 @@ def write_shards(
         pattern: printf-style shard path, e.g. ``"/dir/digits-train-%06d.tar"``.
         max_samples: most samples per shard.
         max_bytes: start a new shard once a shard holds this many payload bytes (``None``: no limit).
-        progress: show a tqdm progress bar.
+        progress: a bar of the samples written on stderr (``None``: when stderr is a terminal; see
+            :mod:`maskdiff.progress`).
         total: number of samples, for the progress bar (default: ``len(samples)`` of a sequence).
+        desc: the bar's name (default ``writing <pattern's file name>``).
 
     Returns:
         One ``{"path": str, "samples": int}`` per written shard, in order.
@@ -53,7 +56,8 @@ def write_shards(
     counts: dict[str, int] = {}
     if total is None and isinstance(samples, Sequence):
         total = len(samples)
-    bar = tqdm(samples, total=total, desc=f"writing {Path(pattern).name}", unit="sample", disable=not progress)
+    bar = progress_bar(samples, desc=desc or f"writing {Path(pattern).name}", total=total, unit="sample",
+                       enabled=progress)
     shards = _AtomicShards()
     writer = wds.ShardWriter(
         pattern,
@@ -76,6 +80,8 @@ def write_shards(
     except BaseException as error:
         shards.discard(writer, error)
         raise
+    finally:
+        bar.close()
     if not counts:
         shards.discard(writer)
     return [{"path": path, "samples": n} for path, n in counts.items()]

@@ -89,7 +89,7 @@ def write_video_shards(
     split: str = "train",
     samples_per_shard: int = 100,
     prefix: str = "videos",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Write the videos of ``src`` (see :func:`list_videos`) as ``{prefix}-{split}-%06d.tar`` shards.
 
@@ -97,7 +97,8 @@ def write_video_shards(
     an unknown extension, are skipped and listed under ``splits[split]["skipped"]`` as ``{"path", "reason"}``.
     The manifest's ``classes`` are the class folder names (folder input; labels index them) or the
     integer labels seen in this and earlier splits (file list; class names already in the manifest are
-    kept); other splits in ``out`` are kept.
+    kept); other splits in ``out`` are kept. ``progress``: a bar of the videos on stderr (``None``: when stderr is
+    a terminal; see :mod:`maskdiff.progress`).
     """
     videos, class_names = list_videos(src)
     out = Path(out)
@@ -124,7 +125,8 @@ def write_video_shards(
                 labels_seen.add(label)
             yield sample
 
-    shards = write_shards(samples(), str(out / f"{prefix}-{split}-%06d.tar"), samples_per_shard, progress=progress)
+    shards = write_shards(samples(), str(out / f"{prefix}-{split}-%06d.tar"), samples_per_shard, progress=progress,
+                          total=len(videos))
     names = [os.path.basename(shard["path"]) for shard in shards]
     entry = {
         "pattern": names[0] if len(names) == 1 else f"{prefix}-{split}-{{000000..{len(names) - 1:06d}}}.tar",

@@ -22,7 +22,8 @@ from maskdiff.data.shards import MANIFEST_NAME
 from maskdiff.data.video_writer import write_video_shards
 
 
-def digits(out: str, samples_per_shard: int = 500, val_fraction: float = 1 / 6, seed: int = 0) -> dict:
+def digits(out: str, samples_per_shard: int = 500, val_fraction: float = 1 / 6, seed: int = 0,
+           progress: bool | None = None) -> dict:
     """Write scikit-learn's 1,797 real handwritten digits (8×8, grayscale PNG + ``cls``) as train/val shards.
 
         maskdiff shards digits data/digits
@@ -32,8 +33,11 @@ def digits(out: str, samples_per_shard: int = 500, val_fraction: float = 1 / 6, 
         samples_per_shard: most samples per shard.
         val_fraction: share of the digits held out for validation (seeded split).
         seed: seed of the train/val split.
+        progress: a bar of the samples written on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
-    manifest = write_digits_shards(out, samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed, progress=True)
+    manifest = write_digits_shards(out, samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed,
+                                   progress=progress)
     splits = ", ".join(f"{name} {split['samples']} ({split['pattern']})" for name, split in manifest["splits"].items())
     print(f"wrote {out}: {splits}")
     return manifest
@@ -49,6 +53,7 @@ def images(
     metadata: bool = True,
     verify: Literal["header", "decode"] = "header",
     workers: int = 8,
+    progress: bool | None = None,
 ) -> dict:
     """Write image files (original bytes + ``cls`` + ``json`` with the source path) as WebDataset shards.
 
@@ -66,10 +71,12 @@ def images(
         verify: check each file with PIL: ``header`` (fast) or ``decode`` (reads every pixel; also finds
             truncated files).
         workers: threads reading and checking files.
+        progress: a bar of the images written on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
     manifest = write_image_shards(
         src, out, prefix=prefix, max_samples=max_samples, max_bytes=max_bytes, shuffle_seed=shuffle_seed,
-        metadata=metadata, verify=verify, workers=workers,
+        metadata=metadata, verify=verify, workers=workers, progress=progress,
     )
     info = manifest["splits"][prefix]
     print(
@@ -95,6 +102,7 @@ def moving_digits(
     format: Literal["mp4", "frames"] = "mp4",
     seed: int = 0,
     samples_per_shard: int = 500,
+    progress: bool | None = None,
 ) -> dict:
     """Write seeded moving-digits videos (sklearn digits bouncing on a grayscale canvas) as train/val shards.
 
@@ -112,11 +120,13 @@ def moving_digits(
         format: ``mp4`` (lossless H.264 when available) or ``frames`` (one PNG per frame).
         seed: seed of the digits, positions and velocities.
         samples_per_shard: most videos per shard.
+        progress: a bar of the videos written on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
     manifest = write_moving_digits_shards(
         out, num_train=num_train, num_val=num_val, num_frames=num_frames, canvas=canvas,
         digits_per_video=digits_per_video, fps=fps, seed=seed, format=format, samples_per_shard=samples_per_shard,
-        glyph_size=glyph_size, progress=True,
+        glyph_size=glyph_size, progress=progress,
     )
     splits = ", ".join(f"{name} {split['samples']} ({split['pattern']})" for name, split in manifest["splits"].items())
     print(f"wrote {out}: {splits}; {num_frames} frames of {canvas}x{canvas} px as {manifest['codec']}")
@@ -129,6 +139,7 @@ def videos(
     split: str = "train",
     samples_per_shard: int = 100,
     prefix: str = "videos",
+    progress: bool | None = None,
 ) -> dict:
     """Write video files (original bytes + ``cls`` + ``json`` with fps/frames/duration) as WebDataset shards.
 
@@ -140,8 +151,11 @@ def videos(
         split: split name in the manifest (``train``, ``val``, ...).
         samples_per_shard: most videos per shard (Kinetics clips are ~1-2 MB each).
         prefix: shard file name prefix.
+        progress: a bar of the videos written on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
-    manifest = write_video_shards(src, out, split=split, samples_per_shard=samples_per_shard, prefix=prefix)
+    manifest = write_video_shards(src, out, split=split, samples_per_shard=samples_per_shard, prefix=prefix,
+                                  progress=progress)
     info = manifest["splits"][split]
     print(f"wrote {out}: {split} {info['samples']} videos ({info['pattern']}), {len(info['skipped'])} skipped")
     for bad in info["skipped"]:
@@ -165,6 +179,7 @@ def latents(
     sample: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    progress: bool | None = None,
 ) -> dict:
     """Encode an image shard set once with a frozen SD VAE into latent shards (``latent.npy`` + ``cls``).
 
@@ -186,13 +201,15 @@ def latents(
         sample: store a posterior sample instead of the posterior mean.
         seed: seed of the posterior samples.
         num_workers: DataLoader workers reading the source images.
+        progress: a bar of the batches encoded on stderr; default: when stderr is a terminal (or
+            ``MASKDIFF_PROGRESS=1``).
     """
     if not vae:
         raise ValueError("--vae is required: the local directory of the AutoencoderKL to encode with")
     manifest = encode_latent_shards(
         src, out, vae, scale_factor=scale_factor, image_size=image_size, flip_copies=flip_copies,
         batch_size=batch_size, device=device, samples_per_shard=samples_per_shard, prefix=prefix, split=split,
-        dtype=dtype, sample=sample, seed=seed, num_workers=num_workers,
+        dtype=dtype, sample=sample, seed=seed, num_workers=num_workers, progress=progress,
     )
     info = manifest["splits"][split]
     print(f"wrote {out}: {split} {info['samples']} latents {manifest['latent_channels']}x{manifest['latent_size']}"

@@ -1,3 +1,4 @@
+import contextlib
 import io
 import os
 import random
@@ -66,10 +67,15 @@ def image_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latent_shards(tmp_path_factory, tiny_vae_dir, image_shards):
+    """``(out, manifest, stderr)``: the image shards encoded once, with ``MASKDIFF_PROGRESS=1``."""
     out = tmp_path_factory.mktemp("latents")
-    manifest = encode_latent_shards(image_shards[0], out, str(tiny_vae_dir), scale_factor=SCALE, image_size=16,
-                                    flip_copies=True, batch_size=4, device="cpu", samples_per_shard=4, progress=False)
-    return out, manifest
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stderr(stderr):
+        monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+        monkeypatch.delenv("RANK", raising=False)
+        manifest = encode_latent_shards(image_shards[0], out, str(tiny_vae_dir), scale_factor=SCALE, image_size=16,
+                                        flip_copies=True, batch_size=4, device="cpu", samples_per_shard=4)
+    return out, manifest, stderr.getvalue()
 
 
 def reference_latents(vae_dir, images: np.ndarray) -> torch.Tensor:
@@ -86,7 +92,9 @@ def eval_batches(datamodule):
 
 
 def test_writer_manifest_and_keys(latent_shards, tiny_vae_dir):
-    out, manifest = latent_shards
+    out, manifest, stderr = latent_shards
+    assert "encoding train latents" in stderr and "3/3" in stderr  # one bar: 10 images in batches of 4
+    assert "writing" not in stderr
     assert manifest == read_manifest(out / "manifest.json")
     assert (manifest["latent_channels"], manifest["latent_size"], manifest["scale_factor"]) == (4, 8, SCALE)
     assert manifest["vae"] == str(tiny_vae_dir.resolve()) and manifest["classes"] == [0, 1, 2, 3]
@@ -102,7 +110,7 @@ def test_writer_manifest_and_keys(latent_shards, tiny_vae_dir):
 
 
 def test_latents_round_trip_equal_the_vae_mean_and_its_flip(latent_shards, tiny_vae_dir, image_shards):
-    out, manifest = latent_shards
+    out, manifest, _ = latent_shards
     pattern = str(out / manifest["splits"]["train"]["pattern"])
     datamodule = LatentShardsDataModule(pattern, pattern, batch_size=4, num_workers=0)
     assert (datamodule.image_size, datamodule.channels, datamodule.num_classes) == (8, 4, 4)
@@ -160,7 +168,7 @@ def tiny_dit(vae_dir, scale=SCALE) -> DiT:
 
 
 def test_check_data_compares_latents_directly(latent_shards, tiny_vae_dir, image_shards):
-    out, manifest = latent_shards
+    out, manifest, _ = latent_shards
     pattern = str(out / manifest["splits"]["train"]["pattern"])
     module = tiny_dit(tiny_vae_dir)
     module.check_data(LatentShardsDataModule(pattern))  # latent side 8, 4 channels: no downsampling applied again
@@ -174,7 +182,7 @@ def test_check_data_compares_latents_directly(latent_shards, tiny_vae_dir, image
 
 
 def test_dit_fits_on_latent_shards_without_encoding(latent_shards, tiny_vae_dir, tmp_path, monkeypatch, one_thread):
-    out, manifest = latent_shards
+    out, manifest, _ = latent_shards
     pattern = str(out / manifest["splits"]["train"]["pattern"])
     datamodule = LatentShardsDataModule(pattern, pattern, batch_size=4, num_workers=0, shuffle_buffer=4)
     module = tiny_dit(tiny_vae_dir)

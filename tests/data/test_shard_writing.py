@@ -50,3 +50,17 @@ def test_a_manifest_write_that_fails_keeps_the_previous_manifest(tmp_path, monke
     with pytest.raises(WriteError):
         write_manifest(tmp_path / "manifest.json", {"total": 4, "splits": {}})
     assert read_manifest(tmp_path / "manifest.json") == {"total": 3} and leftovers(tmp_path) == []
+
+
+def test_the_writing_bar_follows_maskdiff_progress(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "MASKDIFF_PROGRESS"):
+        monkeypatch.delenv(name, raising=False)
+    pattern = str(tmp_path / "part-%06d.tar")
+    write_shards(samples(3), pattern, max_samples=2)
+    assert capsys.readouterr().err == ""  # stderr is no terminal under pytest: no bar
+    monkeypatch.setenv("MASKDIFF_PROGRESS", "1")
+    write_shards(samples(3), pattern, max_samples=2, total=3)
+    bar = capsys.readouterr().err
+    assert "writing part-%06d.tar" in bar and "3/3" in bar
+    write_shards(samples(3), pattern, max_samples=2, progress=False)
+    assert capsys.readouterr().err == ""
