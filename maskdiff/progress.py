@@ -26,10 +26,12 @@ def process_rank() -> int:
 
 
 def progress_enabled(requested: bool | None = None) -> bool:
-    """Whether to draw a bar: ``requested`` when given (False always wins), then ``MASKDIFF_PROGRESS``, then
-    "stderr is a terminal"; never on a rank other than 0."""
+    """Whether to draw a bar: never on a rank other than 0; else ``requested`` when given (``--progress true|false``),
+    then ``MASKDIFF_PROGRESS``, then "stderr is a terminal"."""
     if requested is False or process_rank() != 0:
         return False
+    if requested is True:
+        return True
     forced = os.environ.get(ENV, "").strip().lower()
     if forced in ("0", "false", "no", "off"):
         return False

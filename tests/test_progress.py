@@ -28,6 +28,8 @@ def test_off_without_a_terminal_on_with_one(clean_env):
     clean_env.setattr(sys, "stderr", Terminal())
     assert progress_enabled()
     assert not progress_enabled(False)
+    clean_env.setattr(sys, "stderr", io.StringIO())
+    assert progress_enabled(True)
 
 
 def test_environment_forces_and_rank_silences(clean_env):
