@@ -8,16 +8,21 @@ A ``ModelCheckpoint`` without a ``dirpath`` writes into the run's directory, ``<
 (:func:`root_checkpoint_directories`), so a run renamed by an overlay or ``--trainer.default_root_dir`` keeps its
 checkpoints apart from the base config's, and the directory is the same at every restart of the run (Lightning's own
 default, the logger's ``version_N/checkpoints``, is new at every start, so ``--ckpt_path last`` would find nothing).
+A run that resumes nothing refuses a checkpoint directory that already holds checkpoints
+(:func:`refuse_occupied_checkpoint_directories`): ``ModelCheckpoint`` would save ``last-v1.ckpt`` beside the other
+run's ``last.ckpt``, and a later ``--ckpt_path last`` would pick whichever is newer.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 
+from maskdiff.errors import UserError
 from maskdiff.files import ensure_writable_directory, writable_directory_problem
 
 
@@ -51,6 +56,28 @@ def root_checkpoint_directories(config: Namespace) -> None:
         init_args = callback.get("init_args") if isinstance(callback, Namespace) else None
         if _class_name(callback) == "ModelCheckpoint" and init_args is not None and init_args.get("dirpath") is None:
             init_args["dirpath"] = os.path.join(root, CHECKPOINT_SUBDIRECTORY)
+
+
+def refuse_occupied_checkpoint_directories(config: Namespace | Mapping[str, Any]) -> None:
+    """``UserError`` naming the first local ``ModelCheckpoint`` ``dirpath`` of a parsed ``fit`` config that already
+    holds checkpoints (``*.ckpt`` files or sharded checkpoint directories), unless that callback overwrites them
+    (``enable_version_counter: false``); call it for a run that resumes nothing."""
+    config = config.as_dict() if isinstance(config, Namespace) else dict(config)
+    for callback in _listed((config.get("trainer") or {}).get("callbacks")):
+        init_args = _init_args(callback)
+        dirpath = init_args.get("dirpath")
+        if _class_name(callback) != "ModelCheckpoint" or not dirpath or "://" in str(dirpath):
+            continue
+        if init_args.get("enable_version_counter") is False:
+            continue
+        found = sorted(path.name for path in Path(dirpath).glob("*.ckpt"))
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise UserError(
+                f"checkpoint directory {dirpath} already holds another run's checkpoints ({shown}) and this run "
+                "resumes nothing; resume that run with --ckpt_path last, or give this one its own "
+                "--trainer.default_root_dir (its checkpoints go to <default_root_dir>/checkpoints)"
+            )
 
 
 def run_directories(config: Namespace | Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -8,10 +8,6 @@ from whichever of the two is newer: the periodic ``last.ckpt`` after a crash or 
 checkpoint after a time-limit requeue. A newer checkpoint that does not load (truncated, overwritten, empty) is
 skipped for the next older one that does, so a requeued job does not fail the same way at every start; so is a
 corrupt ``hpc`` checkpoint that Lightning would pick itself in a SLURM job started without ``--ckpt_path``.
-
-A run that resumes nothing must not write into a checkpoint directory that already holds checkpoints
-(:func:`refuse_occupied_checkpoint_directories`): ``ModelCheckpoint`` would save ``last-v1.ckpt`` beside the other
-run's ``last.ckpt``, and a later ``--ckpt_path last`` would pick whichever is newer.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maskdiff.checkpoint_io import checkpoint_problem, is_sharded_checkpoint
-from maskdiff.errors import UserError
 
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 
@@ -95,18 +90,3 @@ def slurm_resume_checkpoint(trainer: L.Trainer) -> ResumeChoice:
     candidates = [path for path in Path(root).glob(HPC_CHECKPOINT_GLOB) if path.is_file()]
     return choose_resume_checkpoint(candidates) if candidates else ResumeChoice()
 
-
-def refuse_occupied_checkpoint_directories(trainer: L.Trainer) -> None:
-    """``UserError`` naming the first local ``ModelCheckpoint`` directory of ``trainer`` that already holds
-    checkpoints (``*.ckpt`` files or sharded checkpoint directories); call it only for a run that resumes nothing."""
-    for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None or "://" in str(callback.dirpath):
-            continue
-        found = sorted(path.name for path in Path(callback.dirpath).glob(f"*{ModelCheckpoint.FILE_EXTENSION}"))
-        if found:
-            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-            raise UserError(
-                f"checkpoint directory {callback.dirpath} already holds another run's checkpoints ({shown}) and this "
-                "run resumes nothing; resume that run with --ckpt_path last, or give this one its own "
-                "--trainer.default_root_dir (its checkpoints go to <default_root_dir>/checkpoints)"
-            )

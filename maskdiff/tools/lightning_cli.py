@@ -19,13 +19,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from maskdiff.checkpoint_io import use_atomic_checkpoints
 from maskdiff.errors import UserError
-from maskdiff.launch.directories import require_writable_directories, root_checkpoint_directories, run_directories
-from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
-from maskdiff.launch.resume import (
-    newest_resume_checkpoint,
+from maskdiff.launch.directories import (
     refuse_occupied_checkpoint_directories,
-    slurm_resume_checkpoint,
+    require_writable_directories,
+    root_checkpoint_directories,
+    run_directories,
 )
+from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
+from maskdiff.launch.resume import newest_resume_checkpoint, slurm_resume_checkpoint
 from maskdiff.methods.base import MaskDiffModule
 from maskdiff.methods.checkpoints import start_from_weights
 from maskdiff.methods.training import warn
@@ -134,7 +135,7 @@ class MaskDiffCLI(LightningCLI):
         """``--ckpt_path last``: resume from the newest of ``last*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads,
         saying which newer ones were skipped and why; without ``--ckpt_path`` in a SLURM job, the newest
         ``hpc_ckpt_*.ckpt`` that loads (Lightning would take the highest, loadable or not). A run that resumes nothing
-        refuses a checkpoint directory that holds checkpoints already (:func:`~maskdiff.launch.resume.
+        refuses a checkpoint directory that holds checkpoints already (:func:`~maskdiff.launch.directories.
         refuse_occupied_checkpoint_directories`)."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path not in ("last", None):
@@ -143,7 +144,7 @@ class MaskDiffCLI(LightningCLI):
         for line in choice.describe():
             warn(line)
         if ckpt_path is None and choice.path is None:
-            refuse_occupied_checkpoint_directories(self.trainer)
+            refuse_occupied_checkpoint_directories(self._subcommand_config())
         if choice.path is not None:
             self.config_init["fit"]["ckpt_path"] = str(choice.path)
             if choice.path.is_file():

@@ -14,7 +14,7 @@ import yaml
 from jsonargparse import Namespace
 
 from maskdiff.errors import UserError
-from maskdiff.launch.directories import root_checkpoint_directories
+from maskdiff.launch.directories import refuse_occupied_checkpoint_directories, root_checkpoint_directories
 from maskdiff.tools.main import main
 from tests.helpers import DEBUG_CONFIG, config_in
 
@@ -81,6 +81,19 @@ def test_a_null_dirpath_becomes_the_root_checkpoints_and_an_explicit_one_stays(t
                                          callbacks=[checkpoint(None), checkpoint("elsewhere")]))
     root_checkpoint_directories(config)
     assert [c.init_args.dirpath for c in config.trainer.callbacks] == [str(tmp_path / "b" / "checkpoints"), "elsewhere"]
+
+
+def test_a_checkpoint_that_overwrites_its_files_may_share_a_directory(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"")
+
+    def config(**init_args):
+        return {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"dirpath": str(tmp_path), **init_args}}]}}
+
+    refuse_occupied_checkpoint_directories(config(enable_version_counter=False))
+    with pytest.raises(UserError, match=f"checkpoint directory {tmp_path} already holds"):
+        refuse_occupied_checkpoint_directories(config(enable_version_counter=True))
+    refuse_occupied_checkpoint_directories(config(dirpath=str(tmp_path / "empty")))
 
 
 MY_OBJECTIVE = '''
