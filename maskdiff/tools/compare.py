@@ -199,7 +199,7 @@ def evaluate_method(name: str, method: MethodSettings, out: Path, stage: Stages,
     return figures, reasons, details, completed
 
 
-def compare(
+def run_comparison(
     methods: dict[str, MethodSettings],
     out: str = "runs/compare",
     seed: int = 0,
@@ -209,38 +209,10 @@ def compare(
     inpainting: InpaintingSettings = InpaintingSettings(),
     representation: RepresentationSettings = RepresentationSettings(),
     finetune: FineTuneSettings = FineTuneSettings(),
-    threads: int | None = None,
     progress: bool | None = None,
 ) -> str:
-    """Pre-train every method alike and compare generation, inpainting, representation and cost on one table.
-
-        maskdiff compare --config configs/compare/digits.yaml
-
-    Each method trains from its own config with the shared backbone size, data batch, optimizer, schedule, steps
-    and seed (``pretrain``); runs go under ``<out>/<method>/``. Writes ``<out>/compare.md`` (rows = methods, "—" with
-    a footnote where an axis does not apply), ``<out>/compare.json`` (every figure, the settings, commit, date and
-    machine), ``<out>/compare.png`` (one panel per axis) and ``<out>/inpainting.png`` (a row per method). About 40
-    minutes on 2 CPU cores at configs/compare/digits.yaml; ``--config configs/compare/quick.yaml`` on top: a smoke run.
-
-    Args:
-        methods: name -> :class:`~maskdiff.comparison.settings.MethodSettings` (config, generation route, feature).
-        out: output folder.
-        seed: seeds every training run, the sampling noise, the masks and the probes.
-        pretrain: the shared pre-training knobs.
-        generative_finetune: the class-conditional fine-tune of methods with ``generation: finetune`` (UMD).
-        generation: class-conditional sampling judged by the digits judge.
-        inpainting: masks and held-out digits.
-        representation: linear and few-shot probes.
-        finetune: classification fine-tune of every encoder.
-        threads: torch CPU threads for the whole comparison (None: torch's default; 1 is fastest for tiny models on a
-            busy machine).
-        progress: progress bars (None: when stderr is a terminal).
-    """
+    """:func:`compare` with torch's threads set."""
     stage = Stages()
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
     paths = check_settings(methods, generative_finetune, finetune, pretrain, inpainting)
     check_plotting()
     out_dir = ensure_writable_directory(Path(out).expanduser(), "--out directory").resolve()
@@ -333,3 +305,51 @@ def compare(
     print(markdown)
     stage(f"wrote {', '.join(str(path) for path in written)} and {panel_path}")
     return str(out_dir / "compare.md")
+
+
+def compare(
+    methods: dict[str, MethodSettings],
+    out: str = "runs/compare",
+    seed: int = 0,
+    pretrain: PretrainSettings = PretrainSettings(),
+    generative_finetune: GenerativeFineTuneSettings = GenerativeFineTuneSettings(),
+    generation: GenerationSettings = GenerationSettings(),
+    inpainting: InpaintingSettings = InpaintingSettings(),
+    representation: RepresentationSettings = RepresentationSettings(),
+    finetune: FineTuneSettings = FineTuneSettings(),
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> str:
+    """Pre-train every method alike and compare generation, inpainting, representation and cost on one table.
+
+        maskdiff compare --config configs/compare/digits.yaml
+
+    Each method trains from its own config with the shared backbone size, data batch, optimizer, schedule, steps
+    and seed (``pretrain``); runs go under ``<out>/<method>/``. Writes ``<out>/compare.md`` (rows = methods, "—" with
+    a footnote where an axis does not apply), ``<out>/compare.json`` (every figure, the settings, commit, date and
+    machine), ``<out>/compare.png`` (one panel per axis) and ``<out>/inpainting.png`` (a row per method). About 40
+    minutes on 2 CPU cores at configs/compare/digits.yaml; ``--config configs/compare/quick.yaml`` on top: a smoke run.
+
+    Args:
+        methods: name -> :class:`~maskdiff.comparison.settings.MethodSettings` (config, generation route, feature).
+        out: output folder.
+        seed: seeds every training run, the sampling noise, the masks and the probes.
+        pretrain: the shared pre-training knobs.
+        generative_finetune: the class-conditional fine-tune of methods with ``generation: finetune`` (UMD).
+        generation: class-conditional sampling judged by the digits judge.
+        inpainting: masks and held-out digits.
+        representation: linear and few-shot probes.
+        finetune: classification fine-tune of every encoder.
+        threads: torch CPU threads for the whole comparison (None: torch's default; 1 is fastest for tiny models on a
+            busy machine).
+        progress: progress bars (None: when stderr is a terminal).
+    """
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return run_comparison(methods, out, seed, pretrain, generative_finetune, generation, inpainting, representation,
+                              finetune, progress)
+    finally:
+        torch.set_num_threads(previous)

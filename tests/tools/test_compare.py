@@ -35,7 +35,7 @@ def test_quick_comparison_of_all_five_methods(tmp_path, digits_cache, one_thread
         assert (out / name).is_file(), name
     record = json.loads((out / "compare.json").read_text())
     assert list(record["methods"]) == METHODS
-    assert record["settings"]["pretrain"]["steps"] == 8 and record["machine"]["cpus"] >= 1 and record["date"]
+    assert record["settings"]["pretrain"]["steps"] == 6 and record["machine"]["cpus"] >= 1 and record["date"]
     expected = [column.key for column in columns(["box", "half", "random"], 2)]
     for method, result in record["methods"].items():
         figures = result["figures"]
