@@ -5,6 +5,7 @@ import csv
 import pytest
 from PIL import Image
 
+from maskdiff.images import label_width
 from maskdiff.tools.main import main
 from tests.helpers import CONFIGS, FAST_GRID, config_in
 
@@ -24,6 +25,6 @@ def test_quickstart_loss_falls(tmp_path, digits_cache, capsys):
     assert f"checkpoint: {ckpt_dir / 'last.ckpt'}" in printed
     grid_path = next((tmp_path / "logs").rglob("final.png"))
     assert f"sample grid: {grid_path}" in printed
-    # one row per class (10), FAST_GRID's 1 sample per row, 16x16 with 1-pixel padding
-    assert Image.open(grid_path).size == (1 * 17 + 1, 10 * 17 + 1)
+    # one row per class (10) labelled with its digit, FAST_GRID's 1 sample per row, 16x16 shown at 64x64, 1-px padding
+    assert Image.open(grid_path).size == (label_width([str(digit) for digit in range(10)]) + 1 * 65 + 1, 10 * 65 + 1)
     assert "eval/digits_fd:" in printed and "eval/class_consistency:" in printed

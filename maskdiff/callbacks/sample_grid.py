@@ -5,22 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torchvision.utils import save_image
 
-from maskdiff.files import atomic_open, image_format
+from maskdiff.callbacks.image_logging import log_image
+from maskdiff.files import save_image
+from maskdiff.images import grid_image, save_grid
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
-
-def save_grid(images: torch.Tensor, path: str | Path, per_row: int) -> Path:
-    """Save ``images (B, C, H, W)`` in [-1, 1] as a PNG grid with ``per_row`` images per row (atomically)."""
-    path = Path(path)
-    kind = image_format(path)
-    with atomic_open(path) as handle:
-        save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, handle, format=kind, nrow=per_row, padding=1, pad_value=1.0)
-    return path
+__all__ = ["SampleGrid", "grid_labels", "save_grid"]
 
 
 def grid_labels(classes: list[int], per_class: int) -> torch.Tensor:
@@ -29,7 +24,9 @@ def grid_labels(classes: list[int], per_class: int) -> torch.Tensor:
 
 
 class SampleGrid(L.Callback):
-    """Generate a fixed-noise grid with EMA weights every ``every_n_steps`` and at the end of fitting.
+    """Generate a fixed-noise grid with EMA weights every ``every_n_steps`` and at the end of fitting: a PNG under
+    the log directory (small images upscaled to 64 px, each row labelled with its class when the model is
+    conditional) that also goes to the run's TensorBoard or W&B logger under the tag ``dirname``.
 
     Args:
         every_n_steps: generate every N optimizer steps (0 = only at the end).
@@ -40,7 +37,7 @@ class SampleGrid(L.Callback):
         cfg_scale: classifier-free guidance scale (1 = off); ``None`` uses the method's own guidance.
         seed: noise seed; the same seed gives the same grid for the same weights.
         use_ema: sample with the EMA backbone when there is one.
-        dirname: folder under the logger's directory.
+        dirname: folder under the logger's directory, and the image's tag in TensorBoard or W&B.
     """
 
     def __init__(
@@ -89,7 +86,10 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def _write_on_rank_zero(self, pl_module, path: Path) -> None:
-        self.last_path = save_grid(self.generate(pl_module), path, self.per_class)
+        row_labels = [str(label) for label in self._classes(pl_module)] if pl_module.conditional else None
+        image = grid_image(self.generate(pl_module), self.per_class, row_labels)
+        self.last_path = save_image(image, path)
+        log_image(pl_module.trainer, self.dirname, np.asarray(image), pl_module.trainer.global_step)
         rank_zero_info(f"sample grid: {self.last_path}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -89,6 +89,7 @@ WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with
 PARSER_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>",
                 WRAPPERS[0])
 MAX_MESSAGE = 1000
+TENSORBOARD_MISSING = "Neither `tensorboard` nor `tensorboardX` is available"  # Lightning's TensorBoardLogger
 
 
 def user_mistake(error: BaseException) -> BaseException | None:
@@ -101,6 +102,10 @@ def user_mistake(error: BaseException) -> BaseException | None:
         error = error.__cause__
     if isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in PATH_ERRNOS):
         return error
+    if isinstance(error, ModuleNotFoundError) and str(error).startswith(TENSORBOARD_MISSING):
+        return UserError("the logger lightning.pytorch.loggers.TensorBoardLogger needs tensorboard, which is not "
+                         "installed", hint="pip install 'maskdiff[tensorboard]' (or log to CSV files: "
+                                           "--trainer.logger lightning.pytorch.loggers.CSVLogger)")
     return None
 
 

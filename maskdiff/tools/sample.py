@@ -106,6 +106,7 @@ def sample(
             labels, num=num, sampler=sampling.sampler, guidance=sampling.guidance,
             generator=torch.Generator().manual_seed(seed), use_ema=weights == "ema", callback=advance,
         )
-    path = save_grid(images, out, per_class)
+    row_labels = None if labels is None else [str(label) for label in labels[::per_class].tolist()]
+    path = save_grid(images, out, per_class, row_labels=row_labels)
     print(f"wrote {path} ({images.shape[0]} samples, {sampling.description}, seed {seed}, {weights} weights)")
     return str(path)
