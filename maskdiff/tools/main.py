@@ -10,6 +10,7 @@
     maskdiff probe --ckpt runs/quickstart/checkpoints/last.ckpt --data configs/quickstart.yaml --batch_size 256 --optimizer sgd
     maskdiff preflight --config configs/dit/dit_xl2_imagenet256.yaml --config configs/trainer/slurm.yaml --ckpt_path last
     maskdiff compare --config configs/compare/digits.yaml
+    maskdiff plot runs/quickstart runs/mdt_digits --out runs.png
 
 ``python -m maskdiff.tools.main`` (or ``python -m maskdiff.tools``) is the same command, e.g. under ``torchrun``.
 
@@ -39,6 +40,7 @@ from maskdiff.tools.convert import CONVERTERS
 from maskdiff.tools.evaluate import evaluate
 from maskdiff.tools.inpaint import inpaint
 from maskdiff.tools.lightning_cli import MaskDiffCLI
+from maskdiff.tools.plot import plot_command
 from maskdiff.tools.preflight import preflight
 from maskdiff.tools.probe import probe
 from maskdiff.tools.sample import sample
@@ -57,6 +59,7 @@ COMMANDS = {
     "shards": "write WebDataset shards: maskdiff shards digits|images|moving-digits|videos|latents ... OUT",
     "preflight": "check a fit command line against SLURM/CUDA: maskdiff preflight --config C.yaml",
     "compare": "all five methods alike, one table: maskdiff compare --config configs/compare/digits.yaml",
+    "plot": "the logged curves of runs in one PNG: maskdiff plot runs/quickstart [RUN_DIR ...] --out runs.png",
 }
 TOOLS = {"sample": (sample, False), "probe": (probe, False), "inpaint": (inpaint, False), "evaluate": (evaluate, False),
          "convert": (CONVERTERS, True), "shards": (SHARD_WRITERS, True), "compare": (compare, False)}
@@ -179,6 +182,9 @@ def run(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     check_config_files(args)
     if args[0] == "preflight":
         preflight(args[1:], exit_on_error=exit_on_error)
+        return
+    if args[0] == "plot":
+        plot_command(args[1:], exit_on_error=exit_on_error)
         return
     if args[0] in TOOLS:
         component, positional = TOOLS[args[0]]

@@ -13,7 +13,7 @@ from maskdiff.methods.checkpoints import write_method_checkpoint
 from maskdiff.tools.main import main
 
 COMMANDS = ("fit", "validate", "test", "predict", "sample", "evaluate", "inpaint", "probe", "convert", "shards",
-            "preflight")
+            "preflight", "plot")
 TINY_DIT = {"input_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 32, "depth": 1, "num_heads": 2,
             "num_classes": 10}
 
@@ -27,7 +27,7 @@ def test_help_lists_every_command_on_one_line(args, capsys):
 
 
 @pytest.mark.parametrize("command", [["sample"], ["evaluate"], ["inpaint"], ["probe"], ["convert", "dit"],
-                                     ["shards", "digits"]])
+                                     ["shards", "digits"], ["plot"]])
 def test_a_commands_help_shows_its_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
