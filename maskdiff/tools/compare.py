@@ -3,11 +3,13 @@
     maskdiff compare --config configs/compare/digits.yaml
     maskdiff compare --config configs/compare/digits.yaml --config configs/compare/quick.yaml --out runs/compare_quick
 
-Budget on the 2-core CPU (cpu-2) at the shipped settings, about 35-45 minutes: five pre-trainings of 2,000 steps
-(DiT ≈ 56 ms a step, MDT ≈ 2.2×, MAE the cheapest, UMD ≈ 2×: ≈ 16 min), UMD's 500-step class-conditional fine-tune
-(≈ 1.5 min), five 300-step classification fine-tunes (≈ 2 min), three times 300 generated digits with DDIM-50
-(≈ 1 min), 300 held-out digits under three masks for five methods (≈ 4 min: DiT, MDT and UMD run DDIM-50 RePaint
-chains) and the probes (≈ 2 min: DiT and MDT sweep four timesteps).
+Budget on the 2-core CPU (cpu-2) at the shipped settings: about 15-20 minutes when the machine is idle, estimated
+from a 300-step run (17.6 min wall with other jobs loading the cores 3-6x, DiT at 0.35 s a step instead of its
+idle 56 ms) and the step-time ratios it measured (images/s: MAE 5.2x DiT, DiffMAE 3.9x, UMD 1.4x, MDT 0.5x): five
+pre-trainings of 2,000 steps ≈ 8 min idle, UMD's 500-step class-conditional fine-tune ≈ 1 min, five 300-step
+classification fine-tunes ≈ 2 min, three times 300 generated digits with DDIM-50, 300 held-out digits under three
+masks for five methods (DDIM-50 RePaint chains) and the probes ≈ 4 min. On a machine as busy as that run's, plan
+for about an hour.
 
 The methods are the ones :mod:`maskdiff.comparison` measures; :mod:`maskdiff.comparison.settings` lists every knob.
 """
@@ -327,8 +329,9 @@ def compare(
     Each method trains from its own config with the shared backbone size, data batch, optimizer, schedule, steps
     and seed (``pretrain``); runs go under ``<out>/<method>/``. Writes ``<out>/compare.md`` (rows = methods, "—" with
     a footnote where an axis does not apply), ``<out>/compare.json`` (every figure, the settings, commit, date and
-    machine), ``<out>/compare.png`` (one panel per axis) and ``<out>/inpainting.png`` (a row per method). About 40
-    minutes on 2 CPU cores at configs/compare/digits.yaml; ``--config configs/compare/quick.yaml`` on top: a smoke run.
+    machine), ``<out>/compare.png`` (one panel per axis) and ``<out>/inpainting.png`` (a row per method). About 15-20
+    minutes on 2 idle CPU cores at configs/compare/digits.yaml; ``--config configs/compare/quick.yaml`` on top: a
+    smoke run of about a minute.
 
     Args:
         methods: name -> :class:`~maskdiff.comparison.settings.MethodSettings` (config, generation route, feature).
