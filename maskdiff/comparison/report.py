@@ -106,7 +106,7 @@ def check_plotting() -> None:
         import matplotlib  # noqa: F401 -- an optional dependency, checked here once
     except ImportError as error:
         raise UserError("maskdiff compare draws compare.png with matplotlib, which is not installed",
-                        hint="pip install matplotlib") from error
+                        hint="pip install 'maskdiff[plot]'") from error
 
 
 def plot(rows: dict[str, dict[str, Any]], table_columns: list[Column], path: Path) -> Path:
