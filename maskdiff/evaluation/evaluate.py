@@ -3,8 +3,9 @@
 Sample ``i`` has the label ``balanced_labels(N, K, seed)[i]`` and draws all its noise from its own generator seeded
 with :func:`sample_seed` ``(seed, i)``; the N samples are cut into batches of ``batch_size`` on a fixed grid and each
 rank takes a contiguous run of those batches, so every sample is computed in the same batch on 1 or 64 processes.
-Under ``torchrun``/``srun`` (``WORLD_SIZE`` > 1, or ``SLURM_NTASKS`` > 1 with ``MASTER_ADDR``/``MASTER_PORT`` set)
-:func:`join_distributed_run` joins the process group and :func:`gather_parts` brings every rank's part to rank 0.
+:func:`start_fabric` joins the processes through Lightning Fabric (torchrun, srun or one process, detected by
+Fabric's cluster environments) and :func:`gather_rows` brings every rank's part to rank 0 in fixed-size blocks.
+:func:`write_preview` draws a grid of the first samples, one row per class.
 
 ``maskdiff evaluate`` (:mod:`maskdiff.tools.evaluate`) writes the samples as ``samples.npz``; scoring (references,
 metrics, the npz layout) lives in :mod:`maskdiff.evaluation.scoring`.
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from maskdiff.files import save_npz
+from maskdiff.images import save_grid
+from maskdiff.launch.preflight import tasks_per_node
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
 
@@ -134,55 +136,96 @@ def generate_samples(
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-@dataclass
-class DistributedRun:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    started_here: bool = False
+def launch_shape() -> tuple[int, int]:
+    """``(processes per node, nodes)`` of this launch, read where the cluster environment Fabric picks reads it.
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+    torchrun (``TorchElasticEnvironment``) and other launchers that set ``LOCAL_RANK`` (``LightningEnvironment``):
+    ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE``; srun (``SLURMEnvironment``): ``SLURM_NTASKS_PER_NODE`` (or the
+    largest count of ``SLURM_TASKS_PER_NODE``) and ``SLURM_NNODES``; otherwise one process. Fabric then checks them
+    against the environment, so a launch it would refuse is refused here too.
+    """
+    env = os.environ
+    if not TorchElasticEnvironment.detect() and SLURMEnvironment.detect():
+        nodes = int(env.get("SLURM_NNODES", "1"))
+        counts = tasks_per_node(env)
+        return (max(counts) if counts else -(-int(env["SLURM_NTASKS"]) // nodes)), nodes
+    if "LOCAL_RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+        return per_node, max(1, world // per_node)
+    return 1, 1
 
-    def close(self) -> None:
-        if self.started_here and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
+def start_fabric(device: str | torch.device) -> Fabric:
+    """A launched Fabric on ``device``'s accelerator (``cpu``, ``cuda``, ``cuda:N``, ``mps``).
 
-def join_distributed_run(use_cuda: bool) -> DistributedRun:
-    """Join the torchrun/srun process group when launched on several processes (gloo on CPU, nccl on GPU)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistributedRun(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-        local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
-        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            raise RuntimeError("launched by srun on several tasks: export MASTER_ADDR and MASTER_PORT (the first node)")
+    Under torchrun or srun every process joins one DDP process group (gloo on CPU, NCCL on CUDA; Fabric takes the
+    ranks, the main address and port from the launcher, no variable needs exporting) and uses ``cuda:LOCAL_RANK``;
+    a single process uses ``device`` itself.
+    """
+    requested = torch.device(device)
+    per_node, nodes = launch_shape()
+    if per_node * nodes > 1:
+        fabric = Fabric(accelerator=requested.type, devices=per_node, num_nodes=nodes, strategy="ddp")
     else:
-        return DistributedRun()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rank, world_size=world_size)
-    return DistributedRun(rank, world_size, local_rank, started_here=True)
+        devices = [requested.index] if requested.index is not None and requested.type != "cpu" else 1
+        fabric = Fabric(accelerator=requested.type, devices=devices, num_nodes=1)
+    fabric.launch()
+    return fabric
 
 
-def gather_parts(folder: Path, images: np.ndarray, labels: np.ndarray | None,
-                 run: DistributedRun) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Every rank writes its part (images ``(n, H, W, 3)`` uint8, labels ``(n,)`` or ``None``) to ``folder``; rank 0
-    returns all parts in rank order and removes them, the other ranks get ``(None, None)``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_npz(folder / f"rank{run.rank:05d}.npz", images=images, labels=labels if labels is not None else np.zeros(0, np.int64))
-    run.barrier()
-    if run.rank != 0:
-        return None, None
-    all_images, all_labels = [], []
-    for rank in range(run.world_size):
-        with np.load(folder / f"rank{rank:05d}.npz") as part:
-            all_images.append(part["images"])
-            all_labels.append(part["labels"])
-    shutil.rmtree(folder, ignore_errors=True)
-    return np.concatenate(all_images), (np.concatenate(all_labels) if labels is not None else None)
+def gather_rows(fabric: Fabric, rows: np.ndarray, counts: Sequence[int], chunk: int) -> np.ndarray | None:
+    """Every rank's ``rows (counts[rank], ...)`` concatenated in rank order, on rank 0 (``None`` on the others).
+
+    The rows travel ``chunk`` at a time through ``fabric.all_gather`` of one zero-padded ``(chunk, ...)`` block per
+    rank (all_gather needs one shape on every rank), so a rank holds at most ``world_size × chunk`` rows of the
+    others at once: 50,000 uint8 images of 256² would be 9.8 GB per rank in one gather. ``counts`` must be known on
+    every rank (:func:`batch_ranges` gives them).
+    """
+    if fabric.world_size == 1:
+        return rows
+    if len(rows) != counts[fabric.global_rank]:
+        raise ValueError(f"rank {fabric.global_rank} holds {len(rows)} rows, counts say {counts[fabric.global_rank]}")
+    parts: list[list[np.ndarray]] = [[] for _ in counts]
+    for first in range(0, max(counts), chunk):
+        block = np.zeros((chunk, *rows.shape[1:]), rows.dtype)
+        piece = rows[first : first + chunk]
+        block[: len(piece)] = piece
+        gathered = fabric.all_gather(torch.from_numpy(block))
+        if fabric.global_rank == 0:
+            gathered = gathered.cpu().numpy()
+            for rank, count in enumerate(counts):
+                parts[rank].append(gathered[rank, : max(0, min(chunk, count - first))])
+    return np.concatenate([piece for part in parts for piece in part]) if fabric.global_rank == 0 else None
+
+
+def end_process_group(fabric: Fabric) -> None:
+    """Leave the process group :func:`start_fabric` joined (after the last collective; rank 0 may go on alone)."""
+    if fabric.world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- preview
+def preview_selection(labels: np.ndarray | None, num_samples: int, per_row: int = 10,
+                      rows: int = 10) -> tuple[np.ndarray, int, list[str] | None]:
+    """Which samples a preview grid shows: ``(indices, images per row, row labels or None)``.
+
+    Unconditional (``labels`` ``None``): the first ``min(N, rows × per_row)`` samples, ``per_row`` a row.
+    Class-conditional: one row per class for the ``rows`` smallest labels present, sorted, each row the first ``k``
+    samples of its class with ``k = min(per_row, fewest samples among those classes)`` so that every row is full.
+    """
+    if labels is None:
+        count = min(num_samples, rows * per_row)
+        return np.arange(count), min(per_row, count), None
+    classes = np.unique(labels)[:rows]
+    members = [np.flatnonzero(labels == label) for label in classes]
+    width = min(per_row, min(len(indices) for indices in members))
+    return np.concatenate([indices[:width] for indices in members]), width, [str(label) for label in classes]
+
+
+def write_preview(path: str | Path, images: np.ndarray, labels: np.ndarray | None) -> Path:
+    """Save :func:`preview_selection` of uint8 ``images (N, H, W, 3)`` as a PNG grid (atomically): up to 100
+    samples, small images upscaled, each row labelled with its class for a class-conditional run."""
+    indices, per_row, row_labels = preview_selection(labels, len(images))
+    tiles = torch.from_numpy(images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return save_grid(tiles, path, per_row, row_labels=row_labels)

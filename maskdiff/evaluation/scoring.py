@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from maskdiff.data.digits import default_cache_dir
 from maskdiff.data.images import ImageShardsDataModule
+from maskdiff.evaluation.features import known_length
 from maskdiff.evaluation.frechet import feature_statistics, frechet_distance
 from maskdiff.files import save_npz
 from maskdiff.evaluation.inception import (
@@ -34,6 +35,8 @@ from maskdiff.evaluation.inception import (
     resolve_inception_weights,
     to_inception_uint8,
 )
+from maskdiff.progress import progress as progress_bar
+from maskdiff.progress import progress_enabled
 
 METRIC_NAMES = {
     "frechet_inception_distance": "fid",
@@ -80,7 +83,9 @@ class UInt8Images(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _fidelity_kwargs(weights_path: Path, batch_size: int, cuda: bool, cache_dir: Path, isc_splits: int) -> dict:
+def _fidelity_kwargs(weights_path: Path, batch_size: int, cuda: bool, cache_dir: Path, isc_splits: int,
+                     verbose: bool = False) -> dict:
+    """torch-fidelity's options; ``verbose`` shows its bars ("Processing samples") and its progress lines."""
     return {
         "feature_extractor": INCEPTION_EXTRACTOR,
         "feature_extractor_weights_path": str(weights_path),
@@ -90,13 +95,14 @@ def _fidelity_kwargs(weights_path: Path, batch_size: int, cuda: bool, cache_dir:
         "datasets_download": False,
         "cache_root": str(cache_dir / "torch_fidelity"),
         "save_cpu_ram": not cuda,
-        "verbose": False,
+        "verbose": verbose,
     }
 
 
 def _extract_features(dataset: Dataset, layers: Sequence[str], weights_path: Path, batch_size: int,
-                      cuda: bool) -> dict[str, torch.Tensor]:
-    """torch-fidelity Inception features ``{layer: (N, D)}`` of uint8 images (``"2048"``, ``"logits_unbiased"``, ...)."""
+                      cuda: bool, verbose: bool = False) -> dict[str, torch.Tensor]:
+    """torch-fidelity Inception features ``{layer: (N, D)}`` of uint8 images (``"2048"``, ``"logits_unbiased"``, ...);
+    ``verbose``: torch-fidelity's bar of the samples."""
     from torch_fidelity.utils import (
         create_feature_extractor,
         get_featuresdict_from_dataset,
@@ -106,7 +112,7 @@ def _extract_features(dataset: Dataset, layers: Sequence[str], weights_path: Pat
         INCEPTION_EXTRACTOR, list(dict.fromkeys(layers)), cuda=cuda,
         feature_extractor_weights_path=str(weights_path), verbose=False,
     )
-    return get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda, not cuda, False)
+    return get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda, not cuda, verbose)
 
 
 def shard_reference_statistics(
@@ -119,12 +125,14 @@ def shard_reference_statistics(
     prc_reference: int = 10_000,
     fid_layer: str = "2048",
     num_workers: int = 2,
+    progress: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Inception statistics of WebDataset shards read once at ``image_size`` (center crop + resize, RGB).
 
     Returns ``mu (D,)``, ``sigma (D, D)`` of the ``fid_layer`` features, ``num`` and the pool features
     ``prc_features (min(num, prc_reference), 2048)``; cached under ``cache_dir/fid_reference`` by
     (pattern, size, weights hash, fid_layer, prc_reference). The shards need a ``manifest.json`` listing them.
+    ``progress``: a bar of the reference batches (``None``: when stderr is a terminal, see :mod:`maskdiff.progress`).
     """
     from torch_fidelity.utils import create_feature_extractor
 
@@ -145,8 +153,10 @@ def shard_reference_statistics(
     outer = torch.zeros(dims, dims, dtype=torch.float64)
     kept: list[torch.Tensor] = []
     num = 0
-    with torch.no_grad():
-        for images, _ in data.train_split_once():
+    batches = data.train_split_once()
+    with torch.no_grad(), progress_bar(batches, desc="reference statistics", total=known_length(batches),
+                                       unit="batch", enabled=progress) as bar:
+        for images, _ in bar:
             if len(images) == 0:
                 continue
             pixels = to_inception_uint8(images)
@@ -201,12 +211,14 @@ def score_samples(
     isc_splits: int = 10,
     prc_reference: int = 10_000,
     fid_layer: Literal["2048", "768", "192", "64"] = "2048",
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """FID / IS / precision-recall of uint8 samples ``(N, H, W, 3)`` against ``reference`` (torch-fidelity's Inception).
 
     FID uses the ``fid_layer`` features (2048: the standard pool features), precision/recall the 2048 pool
     features, IS the 1008 ``logits_unbiased``. Returns a subset of ``fid``, ``is``, ``is_std``, ``precision``,
-    ``recall``, ``f_score``.
+    ``recall``, ``f_score``. ``progress``: torch-fidelity's bars of the Inception features and ours of the reference
+    shards (``None``: when stderr is a terminal, on rank 0; see :mod:`maskdiff.progress`).
     """
     from torch_fidelity import calculate_metrics
     from torch_fidelity.metric_isc import isc_features_to_metric
@@ -221,7 +233,8 @@ def score_samples(
     cuda = torch.device(device).type == "cuda"
     if fid_layer not in ("2048", "768", "192", "64"):
         raise ValueError(f"fid_layer must be one of '2048', '768', '192', '64', got {fid_layer!r}")
-    options = _fidelity_kwargs(weights_path, batch_size, cuda, cache_dir, isc_splits)
+    verbose = progress_enabled(progress)
+    options = _fidelity_kwargs(weights_path, batch_size, cuda, cache_dir, isc_splits, verbose)
     options["feature_layer_fid"] = fid_layer
     kind = reference_kind(reference) if reference is not None else None
     dataset = UInt8Images(samples)
@@ -242,16 +255,16 @@ def score_samples(
         reference_prc = None
         if reference_images is not None:
             reference_prc = _extract_features(UInt8Images(reference_images[:prc_reference]), ["2048"], weights_path,
-                                              batch_size, cuda)["2048"]
+                                              batch_size, cuda, verbose)["2048"]
     else:
         stats = shard_reference_statistics(reference, samples.shape[1], weights_path, batch_size, cuda, cache_dir,
-                                           prc_reference, fid_layer)
+                                           prc_reference, fid_layer, progress=verbose)
         mu, sigma, reference_prc = stats["mu"], stats["sigma"], torch.from_numpy(stats["prc_features"])
     if fid and mu.shape != (int(fid_layer),):
         raise ValueError(f"reference {reference} holds statistics of {mu.shape[0]}-d features, fid_layer is {fid_layer}")
 
     layers = ([fid_layer] if fid else []) + (["logits_unbiased"] if isc else []) + (["2048"] if prc else [])
-    features = _extract_features(dataset, layers, weights_path, batch_size, cuda)
+    features = _extract_features(dataset, layers, weights_path, batch_size, cuda, verbose)
     metrics: dict[str, float] = {}
     if fid:
         metrics["fid"] = frechet_distance(*feature_statistics(features[fid_layer]), mu, sigma)

@@ -1,10 +1,12 @@
 """``maskdiff evaluate``: sample N images in the ADM ``.npz`` layout, record every setting, score with torch-fidelity.
 
-Sampling (:mod:`maskdiff.evaluation.evaluate`) is independent of the world size. Under ``torchrun``/``srun`` each
-rank writes its part next to the output and rank 0 assembles ``samples.npz``: ``arr_0`` uint8 ``(N, H, W, 3)``
+Sampling (:mod:`maskdiff.evaluation.evaluate`) is independent of the world size. It runs through Lightning Fabric:
+one process, or every process of ``torchrun``/``srun`` (Fabric's cluster environments read the ranks; nothing needs
+exporting), whose parts are gathered on rank 0. Rank 0 writes ``samples.npz``: ``arr_0`` uint8 ``(N, H, W, 3)``
 (grayscale repeated to RGB, as the ADM evaluator expects) and, for class-conditional models, ``arr_1`` the labels
-``(N,)`` (ADM's ``image_sample.py`` layout), with every setting in ``samples.json``. Scoring (references, metrics)
-lives in :mod:`maskdiff.evaluation.scoring`; its record goes to ``metrics.json``.
+``(N,)`` (ADM's ``image_sample.py`` layout), then ``preview.png`` (the first samples, one row per class) and every
+setting in ``samples.json``. Scoring (references, metrics) lives in :mod:`maskdiff.evaluation.scoring`; its record
+goes to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import lightning
 import numpy as np
 import torch
 import torchmetrics
+from lightning.fabric import Fabric
 
 import maskdiff
 from maskdiff.autoencoders.base import Autoencoder, PixelSpace
@@ -29,10 +32,13 @@ from maskdiff.data.digits import default_cache_dir
 from maskdiff.evaluation.evaluate import (
     CLASS_ORDER,
     NOISE_RULE,
-    DistributedRun,
-    gather_parts,
+    batch_ranges,
+    end_process_group,
+    gather_rows,
     generate_samples,
-    join_distributed_run,
+    sampling_labels,
+    start_fabric,
+    write_preview,
 )
 from maskdiff.evaluation.inception import (
     INCEPTION_EXTRACTOR,
@@ -43,8 +49,10 @@ from maskdiff.evaluation.inception import (
 from maskdiff.evaluation.scoring import load_samples_npz, reference_kind, score_samples, write_samples_npz
 from maskdiff.files import ensure_writable_directory, write_json
 from maskdiff.methods.checkpoints import load_method
+from maskdiff.progress import progress as progress_bar
 from maskdiff.tools.sampling import GuidanceSchedule, build_sampling
 
+PREVIEW_NAME = "preview.png"
 UINT8_RULE = "uint8 = clamp(127.5 * x + 128, 0, 255) truncated (DiT sample_ddp.py); grayscale repeated to 3 channels"
 
 
@@ -105,19 +113,21 @@ def evaluate(
     fid_layer: Literal["2048", "768", "192", "64"] = "2048",
     device: str | None = None,
     overwrite: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """Sample a checkpoint into ``OUT/samples.npz`` (+ ``samples.json``) and score it into ``metrics.json``.
 
         maskdiff evaluate --ckpt runs/quickstart/checkpoints/last.ckpt --num_samples 1000 --fid false --out eval/quickstart
 
-    Launch with ``torchrun --nproc_per_node G -m maskdiff.tools.main evaluate ...`` (or ``srun``) to split sampling
-    over processes; the samples do not depend on the number of processes. Every sampling option defaults to what
-    the checkpoint configures; ``samples.json`` records what was used.
+    Split sampling over processes with ``torchrun --nproc_per_node G -m maskdiff.tools.main evaluate ...`` or, in a
+    SLURM job, ``srun --ntasks-per-node G maskdiff evaluate ...`` (Lightning Fabric reads the ranks from the launcher;
+    ``--device cpu`` runs the processes with gloo); the samples do not depend on the number of processes. Every
+    sampling option defaults to what the checkpoint configures; ``samples.json`` records what was used.
 
     Args:
         ckpt: maskdiff checkpoint to sample (from ``fit`` or ``convert``).
         samples: score this existing ``.npz`` (``arr_0`` uint8 NHWC) instead of sampling; results go next to it.
-        out: output folder for ``samples.npz``, ``samples.json`` and ``metrics.json``.
+        out: output folder for ``samples.npz``, ``preview.png``, ``samples.json`` and ``metrics.json``.
         num_samples: N, the number of samples (50,000 for paper numbers).
         cfg_scale: classifier-free guidance scale (1 = off); default: the guidance stored with the method.
         cfg_channels: guide only the first k channels (official DiT: 3 of 4 latent channels), or ``all``;
@@ -143,9 +153,12 @@ def evaluate(
         isc_splits: Inception Score splits.
         prc_reference: reference images used for precision/recall from shards or an npz's ``arr_0``.
         fid_layer: Inception features for FID: ``2048`` (standard; ADM reference statistics) or 768/192/64.
-        device: torch device (default: ``cuda`` when available, else ``cpu``; ``cuda:LOCAL_RANK`` under torchrun).
-        overwrite: replace existing ``samples.npz``, ``samples.json`` or ``metrics.json``; off: an existing one is an
-            error, raised before sampling.
+        device: torch device of a single process (default: ``cuda`` when available, else ``cpu``); under torchrun or
+            srun its type only (``cuda``: each process uses ``cuda:LOCAL_RANK``; ``cpu``: gloo).
+        overwrite: replace existing ``samples.npz``, ``preview.png``, ``samples.json`` or ``metrics.json``; off: an
+            existing one is an error, raised before sampling.
+        progress: bars of the sampling (samples of rank 0) and of the Inception features on stderr; default: when
+            stderr is a terminal (or ``MASKDIFF_PROGRESS=1``), on rank 0 only.
     """
     if (ckpt is None) == (samples is None):
         raise ValueError("pass exactly one of --ckpt (sample, then score) or --samples PATH.npz (score only)")
@@ -159,34 +172,32 @@ def evaluate(
             reference_kind(reference)
     metrics_name = ["metrics.json"] if scoring else []
     if samples is None:
-        check_outputs(Path(out).expanduser(), ["samples.npz", "samples.json", *metrics_name], overwrite)
+        check_outputs(Path(out).expanduser(), ["samples.npz", "samples.json", PREVIEW_NAME, *metrics_name], overwrite)
     else:
         check_outputs(Path(samples).expanduser().parent, metrics_name, overwrite)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if samples is not None:
-        samples_path = Path(samples).expanduser()
-        images = load_samples_npz(samples_path)
-        sidecar = samples_path.with_suffix(".json")
-        sampling = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-    else:
-        use_cuda = torch.device(device).type == "cuda"
-        run = join_distributed_run(use_cuda)
-        if run.world_size > 1 and use_cuda:
-            device = f"cuda:{run.local_rank}"
-        options = {"sampler": sampler, "steps": steps, "eta": eta, "cfg_scale": cfg_scale,
-                   "cfg_channels": cfg_channels, "cfg_schedule": cfg_schedule, "cfg_power": cfg_power,
-                   "preset": preset}
-        try:
+    fabric = start_fabric(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        if samples is not None:
+            if fabric.global_rank != 0:
+                return {}
+            samples_path = Path(samples).expanduser()
+            images = load_samples_npz(samples_path)
+            sidecar = samples_path.with_suffix(".json")
+            sampling = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        else:
+            options = {"sampler": sampler, "steps": steps, "eta": eta, "cfg_scale": cfg_scale,
+                       "cfg_channels": cfg_channels, "cfg_schedule": cfg_schedule, "cfg_power": cfg_power,
+                       "preset": preset}
             samples_path, images, sampling = sample_to_npz(ckpt, Path(out), num_samples, options, seed, weights,
-                                                           batch_size, device, run)
-        finally:
-            run.close()
-        if run.rank != 0:
-            return {}
+                                                           batch_size, fabric, progress)
+            if fabric.global_rank != 0:
+                return {}
+    finally:
+        end_process_group(fabric)
     if not scoring:
         return {}
-    metrics = score_samples(images, reference, fid, isc, prc, weights_path, batch_size, device,
-                            default_cache_dir(), isc_splits, prc_reference, fid_layer)
+    metrics = score_samples(images, reference, fid, isc, prc, weights_path, batch_size, fabric.device,
+                            default_cache_dir(), isc_splits, prc_reference, fid_layer, progress=progress)
     kind = reference_kind(reference) if reference is not None else None
     record = {
         "metrics": metrics,
@@ -214,31 +225,34 @@ def evaluate(
 
 
 def sample_to_npz(ckpt: str, out: Path, num_samples: int, options: dict[str, Any], seed: int, weights: str,
-                  batch_size: int, device: str, run: DistributedRun):
-    """Sample this rank's share with :func:`build_sampling` ``(module, **options)``; rank 0 assembles
-    ``out/samples.npz``, writes ``out/samples.json`` and returns ``(path, images (N, H, W, 3) uint8, record)``, the
-    other ranks ``(None, None, None)``."""
-    module = load_method(ckpt, map_location="cpu").to(device).eval()
+                  batch_size: int, fabric: Fabric, progress: bool | None = None):
+    """Sample this rank's share on ``fabric.device`` with :func:`build_sampling` ``(module, **options)``; rank 0
+    gathers every share (:func:`gather_rows`, ``batch_size`` rows at a time), writes ``out/samples.npz``,
+    ``out/preview.png`` and ``out/samples.json`` and returns ``(path, images (N, H, W, 3) uint8, record)``, the other
+    ranks ``(None, None, None)``."""
+    rank, world_size = fabric.global_rank, fabric.world_size
+    counts = [sum(stop - start for start, stop in batch_ranges(num_samples, batch_size, r, world_size))
+              for r in range(world_size)]  # raises before the checkpoint is loaded when a rank would get nothing
+    module = load_method(ckpt, map_location="cpu").to(fabric.device).eval()
     use_ema = weights == "ema" and module.ema_backbone is not None
-    if weights == "ema" and not use_ema and run.rank == 0:
+    if weights == "ema" and not use_ema and rank == 0:
         print(f"note: {ckpt} has no EMA weights; sampling with the raw weights", file=sys.stderr)
     sampling = build_sampling(module, **options)
     parts: list[np.ndarray] = []
-    part_labels: list[np.ndarray] = []
     generated_channels = None
-    for _, images, labels in generate_samples(module, num_samples, seed, sampling.sampler, sampling.guidance, use_ema,
-                                              None, batch_size, run.rank, run.world_size):
-        generated_channels = images.shape[1]
-        parts.append(to_inception_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
-        if labels is not None:
-            part_labels.append(labels.numpy())
-    images = np.concatenate(parts)
-    labels = np.concatenate(part_labels) if part_labels else None
-    if run.world_size > 1:
-        images, labels = gather_parts(out / ".samples-parts", images, labels, run)
-        if run.rank != 0:
-            return None, None, None
+    with progress_bar(desc="sampling", total=counts[rank], unit="sample", enabled=progress) as bar:
+        for _, images, _ in generate_samples(module, num_samples, seed, sampling.sampler, sampling.guidance, use_ema,
+                                             None, batch_size, rank, world_size):
+            generated_channels = images.shape[1]
+            parts.append(to_inception_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
+            bar.update(len(images))
+    images = gather_rows(fabric, np.concatenate(parts), counts, batch_size)
+    if rank != 0:
+        return None, None, None
+    all_labels = sampling_labels(module, num_samples, seed)
+    labels = all_labels.numpy() if all_labels is not None else None
     path = write_samples_npz(out / "samples.npz", images, labels)
+    preview = write_preview(out / PREVIEW_NAME, images, labels)
     record = {
         "checkpoint": str(Path(ckpt).expanduser().resolve()),
         "checkpoint_sha256": file_sha256(ckpt)[:16],
@@ -259,12 +273,13 @@ def sample_to_npz(ckpt: str, out: Path, num_samples: int, options: dict[str, Any
         "uint8": UINT8_RULE,
         "autoencoder": describe_autoencoder(module.autoencoder),
         "batch_size": batch_size,
-        "world_size": run.world_size,
-        "device": str(device),
+        "world_size": world_size,
+        "device": str(fabric.device),
+        "preview": preview.name,
         "versions": versions(),
         "date": now(),
     }
     write_json(path.with_suffix(".json"), record)
     print(f"wrote {path} ({len(images)} samples {tuple(images.shape[1:])}, {sampling.description}, "
-          f"{record['weights']} weights, seed {seed})")
+          f"{record['weights']} weights, seed {seed}) and its preview {preview}")
     return path, images, record

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -18,7 +19,13 @@ from PIL import Image
 
 from maskdiff.methods.checkpoints import load_method
 from maskdiff.tools.main import main
-from maskdiff.evaluation.evaluate import balanced_labels, batch_ranges, generate_samples
+from maskdiff.evaluation.evaluate import (
+    balanced_labels,
+    batch_ranges,
+    generate_samples,
+    launch_shape,
+    preview_selection,
+)
 from maskdiff.evaluation.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_NAME,
@@ -76,12 +83,14 @@ def test_samples_do_not_depend_on_the_world_size(dit_ckpt, one_thread):
     assert not torch.allclose(sample_all(module, 1, **{**settings, "seed": 4}), single, atol=1e-2)
 
 
-def test_evaluate_writes_the_adm_npz_and_a_complete_sidecar(dit_ckpt, tmp_path, capsys, one_thread):
+def test_evaluate_writes_the_adm_npz_a_preview_and_a_complete_sidecar(dit_ckpt, tmp_path, capsys, one_thread):
     out = tmp_path / "eval"
     main(["evaluate", "--ckpt", str(dit_ckpt), "--out", str(out), "--num_samples", "6", "--sampler", "ddim",
           "--steps", "3", "--eta", "0.5", "--cfg_scale", "2.0", "--cfg_channels", "1", "--seed", "5",
-          "--batch_size", "4", "--fid", "false", "--isc", "false", "--prc", "false", "--device", "cpu"])
-    assert "wrote" in capsys.readouterr().out
+          "--batch_size", "4", "--fid", "false", "--isc", "false", "--prc", "false", "--device", "cpu",
+          "--progress", "true"])
+    printed = capsys.readouterr()
+    assert "wrote" in printed.out and "sampling: 100%" in printed.err and "6/6" in printed.err
     with np.load(out / "samples.npz") as data:
         images, labels = data["arr_0"], data["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 3)  # NHWC, grayscale repeated to RGB
@@ -92,6 +101,12 @@ def test_evaluate_writes_the_adm_npz_and_a_complete_sidecar(dit_ckpt, tmp_path, 
     expected = sample_all(module, 1, num_samples=6, seed=5, sampler=DDIMSampler(3, 0.5),
                           guidance=ClassifierFreeGuidance(2.0, 1), batch_size=4)
     assert np.array_equal(images, to_inception_uint8(expected).permute(0, 2, 3, 1).numpy())
+    # 6 samples of 6 different classes: one upscaled 8x8 sample per class row, rows sorted by class.
+    indices, per_row, row_labels = preview_selection(labels, 6)
+    assert per_row == 1 and row_labels == sorted(row_labels, key=int) and len(row_labels) == 6
+    assert np.array_equal(labels[indices], np.array(row_labels, dtype=np.int64))
+    with Image.open(out / "preview.png") as preview:
+        assert preview.height == 6 * (64 + 1) + 1 and preview.width > 64 + 2  # + the row labels' margin
 
     record = json.loads((out / "samples.json").read_text())
     assert record["checkpoint"] == str(dit_ckpt.resolve())
@@ -106,6 +121,7 @@ def test_evaluate_writes_the_adm_npz_and_a_complete_sidecar(dit_ckpt, tmp_path, 
     assert record["image_size"] == [8, 8, 3] and record["generated_channels"] == 1 and record["grayscale_repeated"]
     assert record["autoencoder"] == "pixels"
     assert (record["batch_size"], record["world_size"], record["device"]) == (4, 1, "cpu")
+    assert record["preview"] == "preview.png"
     assert {"maskdiff", "torch", "torch_fidelity", "torchmetrics", "lightning"} <= set(record["versions"])
     assert all(record["versions"][name] for name in ("maskdiff", "torch", "torch_fidelity"))
     assert datetime.fromisoformat(record["date"]).tzinfo is not None
@@ -183,7 +199,8 @@ def test_scores_agree_across_npz_statistics_folder_and_shard_references(small_in
     for name, ref in (("npz", statistics), ("folder", folder), ("shards", shards), ("shards-cached", shards)):
         scores[name] = evaluate(samples=str(samples_path), reference=str(ref), fid_layer="64", isc_splits=2,
                                 inception_weights=str(small_inception_weights), batch_size=6, device="cpu",
-                                overwrite=name != "npz")  # each scoring replaces metrics.json
+                                overwrite=name != "npz",  # each scoring replaces metrics.json
+                                progress=name == "shards")
     assert set(scores["npz"]) == {"fid", "is", "is_std", "precision", "recall", "f_score"}
     assert scores["npz"]["fid"] > 0 and scores["npz"]["precision"] < 1  # the noise images lie off the digits
     for name in ("folder", "shards"):
@@ -193,7 +210,9 @@ def test_scores_agree_across_npz_statistics_folder_and_shard_references(small_in
     assert scores["shards-cached"] == scores["shards"]
     assert len(list((tmp_path / "cache" / "fid_reference").glob("*.npz"))) == 1
 
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "reference statistics: 100%" in captured.err and "Processing samples" in captured.err  # the shards' bars
+    printed = captured.out.splitlines()
     assert f"fid {scores['shards']['fid']:.6g}" in printed and any(line.startswith("recall ") for line in printed)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["metrics"] == scores["shards-cached"] and record["reference_kind"] == "shards"
@@ -202,21 +221,71 @@ def test_scores_agree_across_npz_statistics_folder_and_shard_references(small_in
     assert load_samples_npz(samples_path).shape == (6, 16, 16, 3)
 
 
+def test_preview_shows_one_full_row_per_class_for_the_first_ten_classes():
+    labels = np.array([3, 1, 12, 1, 0, 3, 2, 9, 4, 5, 6, 7, 8, 0, 2, 1, 3, 11, 10, 4] * 3)
+    indices, per_row, row_labels = preview_selection(labels, len(labels))
+    assert row_labels == [str(label) for label in range(10)] and per_row == 3  # class 5..9 appear 3 times each
+    assert len(indices) == 30 and (labels[indices] == np.repeat(np.arange(10), 3)).all()
+    assert (indices[:3] == np.flatnonzero(labels == 0)[:3]).all()  # the first samples of each class, in order
+    indices, per_row, row_labels = preview_selection(np.arange(300) % 10, 300)
+    assert (per_row, row_labels, len(indices)) == (10, [str(label) for label in range(10)], 100)
+    indices, per_row, row_labels = preview_selection(None, 250)
+    assert (per_row, row_labels) == (10, None) and (indices == np.arange(100)).all()
+    indices, per_row, _ = preview_selection(None, 7)
+    assert per_row == 7 and len(indices) == 7
+
+
+def test_launch_shape_reads_the_launcher_like_lightning(monkeypatch):
+    for name in [name for name in os.environ if name.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        monkeypatch.delenv(name)
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_shape() == (1, 1)
+    slurm = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NAME": "eval",
+             "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert launch_shape() == (4, 2)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning ignores SLURM here; one process
+    assert launch_shape() == (1, 1)
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "3", "RANK": "4", "LOCAL_RANK": "1",
+                "GROUP_RANK": "1"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_JOB_NAME", "eval")  # torchrun inside a SLURM job: torchrun's ranks win, as in Fabric
+    assert launch_shape() == (3, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_torchrun_on_two_processes_writes_the_single_process_npz(dit_ckpt, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def test_torchrun_on_two_processes_writes_the_single_process_outputs(dit_ckpt, tmp_path, one_thread):
+    """One process in this test and two CPU processes under torchrun (Fabric, gloo; no MASTER_ADDR exported, no
+    SLURM variable) write bit-identical samples, preview and sidecar but for world_size and date. 6 samples in
+    batches of 2 give the ranks 2 and 4 samples: the gather pads rank 0's share."""
     common = ["evaluate", "--ckpt", str(dit_ckpt), "--num_samples", "6", "--sampler", "ddpm", "--steps", "3",
               "--batch_size", "2", "--fid", "false", "--isc", "false", "--prc", "false", "--device", "cpu"]
-    runs = {
-        "single": [sys.executable, "-m", "maskdiff.tools.main", *common, "--out", str(tmp_path / "single")],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                     "-m", "maskdiff.tools.main", *common, "--out", str(tmp_path / "torchrun")],
-    }
-    for command in runs.values():
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                                check=False)
-        assert result.returncode == 0, result.stderr[-4000:]
-    with np.load(tmp_path / "single" / "samples.npz") as single, np.load(tmp_path / "torchrun" / "samples.npz") as split:
-        assert np.array_equal(single["arr_0"], split["arr_0"]) and np.array_equal(single["arr_1"], split["arr_1"])
-    assert json.loads((tmp_path / "torchrun" / "samples.json").read_text())["world_size"] == 2
-    assert not (tmp_path / "torchrun" / ".samples-parts").exists()
+    main([*common, "--out", str(tmp_path / "single")])
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SLURM_", "MASTER_", "TORCHELASTIC_")) and name not in ("WORLD_SIZE", "RANK",
+                                                                                      "LOCAL_RANK")}
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "maskdiff.tools.main", *common, "--out", str(tmp_path / "torchrun")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, split = tmp_path / "single", tmp_path / "torchrun"
+    with np.load(single / "samples.npz") as one, np.load(split / "samples.npz") as two:
+        assert sorted(one.files) == sorted(two.files) == ["arr_0", "arr_1"]
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    assert (single / "preview.png").read_bytes() == (split / "preview.png").read_bytes()
+    records = [json.loads((folder / "samples.json").read_text()) for folder in (single, split)]
+    assert (records[0]["world_size"], records[1]["world_size"]) == (1, 2)
+    assert [{k: v for k, v in record.items() if k not in ("world_size", "date")} for record in records] == \
+        [{k: v for k, v in records[0].items() if k not in ("world_size", "date")}] * 2
+    assert sorted(os.listdir(split)) == ["preview.png", "samples.json", "samples.npz"]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes
