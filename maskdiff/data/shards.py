@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
-import braceexpand
 import webdataset as wds
 
 from maskdiff.files import atomic_open, write_json
@@ -174,8 +173,9 @@ def add_split_to_manifest(out: str | Path, split: str, entry: dict, info: dict, 
 
 
 def expand_urls(pattern: str) -> list[str]:
-    """Expand a brace pattern (``"a-{000000..000009}.tar"``; ``"::"`` joins several) into URLs."""
-    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part.strip()) if url]
+    """Expand a brace pattern (``"a-{000000..000009}.tar"``; ``"::"`` joins several; ``${NAME}`` is the environment
+    variable ``WDS_NAME``) into URLs, as WebDataset does."""
+    urls = [url.strip() for url in wds.shardlists.expand_urls(pattern) if url.strip()]
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shards")
     return urls
