@@ -123,7 +123,7 @@ class NoiseSchedule(nn.Module):
 
     def _set_tables(self, betas: torch.Tensor, timestep_map: torch.Tensor) -> None:
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64, device=betas.device), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # β̃_0 = 0, so the log is clipped to β̃_1 at t=0 (ADM's posterior_log_variance_clipped).
         clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if len(betas) > 1 else betas

@@ -56,6 +56,13 @@ def test_respaced_schedule_keeps_alpha_bar_at_kept_steps():
     torch.testing.assert_close(respaced.alphas_cumprod, schedule.alphas_cumprod[kept], rtol=1e-12, atol=0)
 
 
+def test_a_schedule_moved_to_another_device_respaces_there():
+    """A method moved to a GPU moves its schedule's tables (buffers); respacing them for sampling stays on that device
+    (the meta device stands in for a GPU here)."""
+    respaced = NoiseSchedule("linear", 100).to("meta").respace(10)
+    assert respaced.alphas_cumprod_prev.device.type == "meta" and respaced.num_steps == 10
+
+
 def test_q_sample_closed_form():
     schedule = NoiseSchedule("linear", 1000)
     x0, noise = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
