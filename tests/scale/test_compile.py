@@ -9,7 +9,7 @@ from maskdiff.backbones import create_backbone
 from maskdiff.corruption import GaussianNoise, MaskedNoise
 from maskdiff.methods import MAE, MDT, UMD, DiffMAE, DiT, MaskDiffModule
 from maskdiff.objectives import DiffusionLoss
-from maskdiff.scale import compile_in_place, is_compiled
+from maskdiff.scale import compile_blocks, compile_in_place, is_compiled
 
 TINY = dict(input_size=8, in_channels=1)
 
@@ -103,3 +103,29 @@ def test_unknown_compile_option_is_named():
     with pytest.raises(ValueError, match="unknown torch.compile option.*'modes'"):
         MaskDiffModule(create_backbone("DiT-Nano/2", **TINY), GaussianNoise(), DiffusionLoss(learn_sigma=True),
                        compile_backbone=True, compile_kwargs={"modes": "max-autotune"})
+
+
+def test_regional_compilation_compiles_each_block_once_and_identical_blocks_share_a_graph(one_thread):
+    """``compile_blocks``: every block compiled in place (state-dict keys kept, the EMA copy and the code between
+    blocks left eager); the two identical DiT blocks run one compiled graph; gradients are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, regional = tiny("dit"), tiny("dit")
+    keys = list(regional.state_dict())
+    assert compile_blocks(regional.backbone, backend="aot_eager") == len(regional.backbone.blocks) == 2
+    assert compile_blocks(regional.backbone, backend="aot_eager") == 0  # already compiled
+    assert all(is_compiled(block) for block in regional.backbone.blocks) and not is_compiled(regional.backbone)
+    assert not any(is_compiled(block) for block in regional.ema_backbone.blocks)
+    assert list(regional.state_dict()) == keys
+    tokens, t, y = torch.randn(4, 16, 4), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 2, 3, 4])
+    for model in (eager.backbone, regional.backbone):
+        model.y_embedder.dropout_prob = 0.0
+        model(tokens, t, y).square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    for (name, p), q in zip(eager.backbone.named_parameters(), regional.backbone.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    no_blocks = type("NoBlocks", (torch.nn.Module,), {"block_classes": ()})()
+    with pytest.raises(ValueError, match="NoBlocks declares no block_classes"):
+        compile_blocks(no_blocks)
