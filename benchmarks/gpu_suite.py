@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not ids:
         raise SystemExit(f"no configuration matches --only {args.only} --skip {args.skip}; the ids are {all_ids()}")
     torch.set_float32_matmul_precision("high")
-    # Regional compilation: every block kind, view shape and dynamic-shape variant is a cache entry of the same
-    # Module._call_impl code (MDTv2 needs about 10); the default limit of 8 would fall back to eager.
+    # Regional compilation: every block kind, call signature and dynamic-shape variant is a cache entry of the same
+    # Module._call_impl code (MDTv2 makes 7 in its first two steps); torch 2.11's default limit of 8 is too close.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     suite = Suite(args, device, ids)
