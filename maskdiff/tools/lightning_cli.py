@@ -3,7 +3,10 @@
 ``fit`` checks that its run, checkpoint and log directories are writable before building anything, runs the
 preflight (:mod:`maskdiff.launch.preflight`) itself inside a SLURM job, and resolves ``--ckpt_path last`` to the
 newest of ``last.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt`` that loads (:mod:`maskdiff.launch.resume`). Every run saves
-checkpoints atomically and loads them with ``weights_only=True`` (:mod:`maskdiff.checkpoint_io`).
+checkpoints atomically and loads them with ``weights_only=True`` (:mod:`maskdiff.checkpoint_io`), into
+``<trainer.default_root_dir>/checkpoints`` unless a ``ModelCheckpoint`` names its ``dirpath``, and never beside another
+run's checkpoints unless it resumes (:mod:`maskdiff.launch.directories`); ``lr_monitor`` logs the learning rates
+(``lr-<Optimizer>``) whenever there is a logger.
 """
 
 from __future__ import annotations
