@@ -8,7 +8,9 @@ A ``ModelCheckpoint`` without a ``dirpath`` writes into the run's directory, ``<
 (:func:`root_checkpoint_directories`), so a run renamed by an overlay or ``--trainer.default_root_dir`` keeps its
 checkpoints apart from the base config's, and the directory is the same at every restart of the run (Lightning's own
 default, the logger's ``version_N/checkpoints``, is new at every start, so ``--ckpt_path last`` would find nothing).
-A run that resumes nothing refuses a checkpoint directory that already holds checkpoints
+Loggers follow the run too (:func:`root_log_directories`): a logger that the config files keep in their run
+directory (``save_dir/name`` = their ``default_root_dir``) moves with a ``default_root_dir`` changed on the command
+line or by an overlay that leaves the logger alone. A run that resumes nothing refuses a checkpoint directory that already holds checkpoints
 (:func:`refuse_occupied_checkpoint_directories`): ``ModelCheckpoint`` would save ``last-v1.ckpt`` beside the other
 run's ``last.ckpt``, and a later ``--ckpt_path last`` would pick whichever is newer.
 """
@@ -20,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 
 from maskdiff.errors import UserError
@@ -56,6 +59,44 @@ def root_checkpoint_directories(config: Namespace) -> None:
         init_args = callback.get("init_args") if isinstance(callback, Namespace) else None
         if _class_name(callback) == "ModelCheckpoint" and init_args is not None and init_args.get("dirpath") is None:
             init_args["dirpath"] = os.path.join(root, CHECKPOINT_SUBDIRECTORY)
+
+
+def _files_run_directory(config: Namespace) -> str | None:
+    """The ``trainer.default_root_dir`` that the parsed config's ``--config`` files set (the last one that sets it),
+    before the command line's overrides; None when none sets it."""
+    root = None
+    for path in _listed(config.get("config")):
+        try:
+            content = yaml.safe_load(Path(str(path)).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        trainer = content.get("trainer") if isinstance(content, dict) else None
+        if isinstance(trainer, dict) and trainer.get("default_root_dir"):
+            root = str(trainer["default_root_dir"])
+    return root
+
+
+def root_log_directories(config: Namespace) -> list[str]:
+    """Move every logger of the parsed ``fit`` config whose ``save_dir/name`` is the config files' run directory to
+    the run's ``trainer.default_root_dir`` (``save_dir`` its parent, ``name`` its last part), in place, when the two
+    differ; returns one note per moved logger. A logger given its own place keeps it."""
+    trainer = config.get("trainer")
+    files_root = _files_run_directory(config)
+    if trainer is None or files_root is None or not trainer.get("default_root_dir"):
+        return []
+    root = Path(str(trainer["default_root_dir"]))
+    if os.path.normpath(files_root) == os.path.normpath(root):
+        return []
+    notes = []
+    for logger in _listed(trainer.get("logger")):
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init_args is None or init_args.get("save_dir") is None or init_args.get("name") is None:
+            continue
+        if os.path.normpath(os.path.join(str(init_args["save_dir"]), str(init_args["name"]))) != os.path.normpath(files_root):
+            continue
+        init_args["save_dir"], init_args["name"] = str(root.parent), root.name
+        notes.append(f"{_class_name(logger)} logs to {root} (the run's default_root_dir), not {files_root}")
+    return notes
 
 
 def refuse_occupied_checkpoint_directories(config: Namespace | Mapping[str, Any]) -> None:

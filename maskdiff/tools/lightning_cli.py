@@ -26,6 +26,7 @@ from maskdiff.launch.directories import (
     refuse_occupied_checkpoint_directories,
     require_writable_directories,
     root_checkpoint_directories,
+    root_log_directories,
     run_directories,
 )
 from maskdiff.launch.preflight import NAMED_CHECKPOINTS, LaunchConfig, run_preflight
@@ -123,11 +124,15 @@ class MaskDiffCLI(LightningCLI):
         """``fit``: inside a SLURM job (or with a ``SLURMEnvironment`` plugin), run the preflight before building
         anything (errors exit with code 2, warnings are printed); then create the run, checkpoint and log directories,
         an ``OSError`` naming the first that cannot be written. A ``ModelCheckpoint`` without ``dirpath`` writes into
-        ``<trainer.default_root_dir>/checkpoints`` (:func:`~maskdiff.launch.directories.root_checkpoint_directories`)."""
+        ``<trainer.default_root_dir>/checkpoints`` (:func:`~maskdiff.launch.directories.root_checkpoint_directories`), and
+        a logger that the config files keep in their run directory follows a moved ``default_root_dir``
+        (:func:`~maskdiff.launch.directories.root_log_directories`)."""
         if self.subcommand != "fit":
             return
         config = self._subcommand_config()
         root_checkpoint_directories(config)
+        for note in root_log_directories(config):
+            rank_zero_info(note)
         if "SLURM_JOB_ID" in os.environ or LaunchConfig.from_config(config).slurm_plugin:
             findings = run_preflight(config, launching=True)
             if any(finding.severity == "error" for finding in findings):

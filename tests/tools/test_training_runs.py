@@ -14,7 +14,11 @@ import yaml
 from jsonargparse import Namespace
 
 from maskdiff.errors import UserError
-from maskdiff.launch.directories import refuse_occupied_checkpoint_directories, root_checkpoint_directories
+from maskdiff.launch.directories import (
+    refuse_occupied_checkpoint_directories,
+    root_checkpoint_directories,
+    root_log_directories,
+)
 from maskdiff.tools.main import main
 from tests.helpers import DEBUG_CONFIG, config_in
 
@@ -124,3 +128,25 @@ def test_a_component_of_the_working_directory_resolves_without_pythonpath(tmp_pa
     assert exit_info.value.code in (None, 0)
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]["class_path"] == \
         "my_objective.MyObjective"
+
+
+def test_a_logger_kept_in_the_files_run_directory_follows_a_moved_run(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"trainer": {"default_root_dir": "runs/base", "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "base"}}}}))
+
+    def parsed(root: str, save_dir: str = "runs", name: str = "base") -> Namespace:
+        logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                           init_args=Namespace(save_dir=save_dir, name=name))
+        return Namespace(config=[base], trainer=Namespace(default_root_dir=root, logger=logger))
+
+    moved = parsed("runs/other")
+    assert root_log_directories(moved) == ["CSVLogger logs to runs/other (the run's default_root_dir), not runs/base"]
+    assert (moved.trainer.logger.init_args.save_dir, moved.trainer.logger.init_args.name) == ("runs", "other")
+    deeper = parsed("/scratch/job7/run")
+    root_log_directories(deeper)
+    assert (deeper.trainer.logger.init_args.save_dir, deeper.trainer.logger.init_args.name) == ("/scratch/job7", "run")
+    own_place = parsed("runs/other", save_dir="/logs", name="mine")  # a logger given its own place keeps it
+    assert root_log_directories(own_place) == [] and own_place.trainer.logger.init_args.save_dir == "/logs"
+    unmoved = parsed("runs/base")
+    assert root_log_directories(unmoved) == [] and unmoved.trainer.logger.init_args.name == "base"
