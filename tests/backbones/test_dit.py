@@ -14,7 +14,8 @@ def official_param_count(depth, d, p, c=4, tokens=256):
 
 @pytest.mark.parametrize("name,depth,hidden", [("DiT-XL/2", 28, 1152), ("DiT-S/2", 12, 384), ("DiT-B/4", 12, 768)])
 def test_registry_sizes_match_official_parameter_counts(name, depth, hidden):
-    model = create_backbone(name)
+    with torch.device("meta"):  # counts only: no memory, no initialisation work
+        model = create_backbone(name)
     patch = model.patchifier.patch_size
     count = sum(p.numel() for p in model.parameters()) + model.pos_embed.numel()
     assert count == official_param_count(depth, hidden, patch, tokens=(32 // patch) ** 2)
