@@ -55,7 +55,7 @@ COMMANDS = {
     "evaluate": "N samples as an ADM .npz, scored (FID, IS, precision/recall): maskdiff evaluate --ckpt last.ckpt",
     "inpaint": "fill a masked image or clip: maskdiff inpaint --ckpt last.ckpt --image digits:0 --mask_kind half",
     "probe": "offline linear probe of frozen features: maskdiff probe --ckpt last.ckpt --data configs/quickstart.yaml",
-    "convert": "official or sharded FSDP weights -> a checkpoint: maskdiff convert dit|mdt|mae|fsdp SRC OUT",
+    "convert": "official or sharded FSDP weights -> a checkpoint: maskdiff convert dit|mdt|mae|umd|fsdp SRC OUT",
     "shards": "write WebDataset shards: maskdiff shards digits|images|moving-digits|videos|latents ... OUT",
     "preflight": "check a fit command line against SLURM/CUDA: maskdiff preflight --config C.yaml",
     "compare": "all five methods alike, one table: maskdiff compare --config configs/compare/digits.yaml",
