@@ -94,9 +94,10 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_record(settings: dict[str, Any], results: dict[str, Any], root: Path, wall_s: float) -> dict[str, Any]:
-    """What ``compare.json`` holds: the settings, every method's figures and details, and where it ran."""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit_hash(root),
+def run_record(settings: dict[str, Any], results: dict[str, Any], commit: str | None, wall_s: float) -> dict[str, Any]:
+    """What ``compare.json`` holds: the settings, every method's figures and details, the commit the run started
+    from (:func:`commit_hash` taken before the first step), and where it ran."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
             "machine": machine(), "wall_s": round(wall_s, 1), "settings": settings, "methods": results}
 
 

@@ -37,6 +37,7 @@ from maskdiff.comparison.report import (
     columns,
     inpainting_panel,
     markdown_table,
+    commit_hash,
     run_record,
     write_outputs,
 )
@@ -215,6 +216,7 @@ def run_comparison(
 ) -> str:
     """:func:`compare` with torch's threads set."""
     stage = Stages()
+    commit = commit_hash(ROOT)
     paths = check_settings(methods, generative_finetune, finetune, pretrain, inpainting)
     check_plotting()
     out_dir = ensure_writable_directory(Path(out).expanduser(), "--out directory").resolve()
@@ -302,7 +304,7 @@ def run_comparison(
                         | {"methods": {name: asdict(method) for name, method in methods.items()},
                            "generative_finetune": asdict(generative_finetune), "seed": seed,
                            "real_digits_fd": real_fd, "judge_accuracy": judge_accuracy},
-                        results, ROOT, stage.elapsed)
+                        results, commit, stage.elapsed)
     written = write_outputs(out_dir, markdown, record, rows, table_columns)
     print(markdown)
     stage(f"wrote {', '.join(str(path) for path in written)} and {panel_path}")
