@@ -7,18 +7,15 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from maskdiff.callbacks.image_logging import log_image
+from maskdiff.callbacks.image_logging import PeriodicPicture
 from maskdiff.errors import UserError
-from maskdiff.files import save_image
 from maskdiff.images import labelled_panel
 from maskdiff.inpainting.masks import make_mask
 from maskdiff.samplers.base import Sampler
 
-class InpaintingPanel(L.Callback):
+class InpaintingPanel(PeriodicPicture):
     """Every ``every_n_steps`` optimizer steps and at the end of fitting: hide the same tokens of the first
     ``num_images`` validation images, fill them with the method's own inpainting mode (``repaint``, DiffMAE's
     ``hidden_chain``, MAE's ``reconstruct``) and write a panel with the rows original / masked / inpainted under
@@ -113,22 +110,6 @@ class InpaintingPanel(L.Callback):
         masked = torch.where(pixel_mask, torch.zeros_like(original), original)
         return [("original", original), ("masked", masked), ("inpainted", inpainted)]
 
-    def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
-        """Draw on rank 0 and save under the log directory (every rank must call: ``log_dir`` broadcasts)."""
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        self._write_on_rank_zero(trainer, pl_module, root / self.dirname / f"{name}.png")
-
-    @rank_zero_only
-    def _write_on_rank_zero(self, trainer: L.Trainer, pl_module, path: Path) -> None:
+    def picture(self, trainer: L.Trainer, pl_module):
         panel = labelled_panel(self.draw(trainer, pl_module), self.num_images)
-        self.last_path = save_image(panel, path)
-        log_image(trainer, self.dirname, np.asarray(panel), trainer.global_step)
-        rank_zero_info(f"inpainting panel ({pl_module.inpainting}, {self.mask} mask): {self.last_path}")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self.write(trainer, pl_module, f"step_{step:07d}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.write(trainer, pl_module, "final")
+        return panel, f"inpainting panel ({pl_module.inpainting}, {self.mask} mask)"

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from maskdiff.callbacks.image_logging import log_image
-from maskdiff.files import save_image
+from maskdiff.callbacks.image_logging import PeriodicPicture
 from maskdiff.images import grid_image, save_grid
 from maskdiff.samplers.base import Sampler
 from maskdiff.samplers.guidance import ClassifierFreeGuidance
@@ -23,7 +20,7 @@ def grid_labels(classes: list[int], per_class: int) -> torch.Tensor:
     return torch.tensor(classes).repeat_interleave(per_class)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(PeriodicPicture):
     """Generate a fixed-noise grid with EMA weights every ``every_n_steps`` and at the end of fitting: a PNG under
     the log directory (small images upscaled to 64 px, each row labelled with its class when the model is
     conditional) that also goes to the run's TensorBoard or W&B logger under the tag ``dirname``.
@@ -79,23 +76,6 @@ class SampleGrid(L.Callback):
             use_ema=self.use_ema,
         )
 
-    def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
-        """Generate on rank 0 and save under the log directory (every rank must call: ``log_dir`` broadcasts)."""
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        self._write_on_rank_zero(pl_module, root / self.dirname / f"{name}.png")
-
-    @rank_zero_only
-    def _write_on_rank_zero(self, pl_module, path: Path) -> None:
+    def picture(self, trainer: L.Trainer, pl_module):
         row_labels = [str(label) for label in self._classes(pl_module)] if pl_module.conditional else None
-        image = grid_image(self.generate(pl_module), self.per_class, row_labels)
-        self.last_path = save_image(image, path)
-        log_image(pl_module.trainer, self.dirname, np.asarray(image), pl_module.trainer.global_step)
-        rank_zero_info(f"sample grid: {self.last_path}")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self.write(trainer, pl_module, f"step_{step:07d}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.write(trainer, pl_module, "final")
+        return grid_image(self.generate(pl_module), self.per_class, row_labels), "sample grid"
